@@ -1,0 +1,6 @@
+"""titans: the Titans architecture (Behrouz, Zhong, Mirrokni, 2024) in PyTorch."""
+
+from .memory import MemoryState, memory_chunked, memory_recurrent
+
+__version__ = "0.1.0"
+__all__ = ["MemoryState", "memory_chunked", "memory_recurrent"]

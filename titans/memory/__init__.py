@@ -1,0 +1,12 @@
+"""The neural long-term memory (SPEC.md §2).
+
+- `memory_recurrent`: the reference token loop (autograd inner gradients), for tests.
+- `memory_chunked`:   the fast chunk-wise dual form with the same signature and results.
+- `NeuralMemory`:     the nn.Module layer (projections, conv, gates, output gate).
+"""
+
+from .chunked import memory_chunked
+from .functional import MemoryState, memory_apply
+from .naive import memory_recurrent
+
+__all__ = ["MemoryState", "memory_apply", "memory_chunked", "memory_recurrent"]

@@ -1,0 +1,251 @@
+"""The fast neural memory: chunk-wise dual form (SPEC.md §2, "How to compute it fast").
+
+Inside a chunk every inner gradient is taken at the chunk's start weights G, so each is a sum of
+rank-1 products x_s^T delta_s per layer (x: the layer's input on k_s, delta: the loss gradient at
+the layer's output). Unrolling the two linear recurrences from the chunk's first token gives
+
+    W_t = a_t W_0 + m_t S_0 - sum_{s <= t} C[t, s] x_s^T delta_s
+    S_t = E_t S_0 - sum_{s <= t} theta_s Q[t, s] x_s^T delta_s
+
+so reading M_{W_t}(q_t) needs only b x b masked matmuls per layer, and per-token weights or
+gradients are never formed. An autograd.Function keeps only the chunk-boundary states in the
+forward pass and recomputes each chunk in the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import (
+    MemoryState,
+    Spec,
+    Weights,
+    check_inputs,
+    gelu_grad,
+    layer_norm,
+    no_autocast,
+    start_state,
+)
+
+
+def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
+                   weights: Weights, *, chunk_size: int = 16, ln: tuple[Tensor, Tensor] | None = None,
+                   state: MemoryState | None = None, grad_clip: float | None = None
+                   ) -> tuple[Tensor, MemoryState]:
+    """Same arguments and results as `memory_recurrent`, computed chunk by chunk.
+
+    q, k, v: (B, H, T, D); alpha, eta, theta: (B, H, T) or (B, H, T, L);
+    weights: L tensors (H, D_{l-1}, D_l); ln: (gamma, beta), each (H, D), iff L >= 2.
+    Returns y: (B, H, T, D) and the MemoryState after the last token.
+    """
+    return run_memory(q, k, v, alpha, eta, theta, weights, chunk_size=chunk_size, ln=ln,
+                      state=state, grad_clip=grad_clip, read=True)
+
+
+def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, grad_clip, read
+               ) -> tuple[Tensor | None, MemoryState]:
+    """memory_chunked, optionally without the read (write only: y is None)."""
+    spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip)
+    dtype, b, L = spec.dtype, chunk_size, spec.L
+    with no_autocast(q.device.type):
+        W, S, G, pos = start_state(weights, state, spec, dtype)
+        r = pos % b  # tokens of the open chunk already seen
+        if r == 0:
+            G = W
+        N = math.ceil((r + spec.T) / b)
+        pad = (r, N * b - r - spec.T)
+        q_c, k_c, v_c = (_chunk_tokens(t.to(dtype), pad, b) for t in (q, k, v))
+        # padding tokens neither forget (alpha 0), decay momentum (eta 1) nor write (theta 0)
+        a_c, e_c, t_c = (_chunk_gate(g.to(dtype), pad, b, fill)
+                         for g, fill in ((alpha, 0.0), (eta, 1.0), (theta, 0.0)))
+        valid = torch.zeros(N * b, dtype=dtype, device=q.device)
+        valid[r:r + spec.T] = 1
+        coef = chunk_coefficients(a_c, e_c, t_c, valid.view(N, 1, 1, 1, b))
+        gamma, beta = (None, None) if ln is None else (ln[0].to(dtype), ln[1].to(dtype))
+        out = _MemoryChunks.apply(L, grad_clip, read, q_c, k_c, v_c, *coef, gamma, beta, *G, *W, *S)
+        y_c, W_T, S_T, G_T = out[0], out[1:1 + L], out[1 + L:1 + 2 * L], out[1 + 2 * L:]
+        y = None
+        if read:
+            y = y_c.permute(1, 2, 0, 3, 4).reshape(spec.B, spec.H, N * b, spec.D)[:, :, r:r + spec.T]
+        aligned = (pos + spec.T) % b == 0
+        return y, MemoryState(W_T, S_T, W_T if aligned else G_T, pos + spec.T, b)
+
+
+def _chunk_tokens(x: Tensor, pad: tuple[int, int], b: int) -> Tensor:
+    """(B, H, T, D) -> (N, B, H, b, D), zero-padded at the front/back to whole chunks."""
+    B, H, _, D = x.shape
+    x = F.pad(x, (0, 0, *pad))
+    return x.view(B, H, -1, b, D).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _chunk_gate(g: Tensor, pad: tuple[int, int], b: int, fill: float) -> Tensor:
+    """(B, H, T) or (B, H, T, L) -> (N, B, H, Lg, b), padded with `fill`."""
+    if g.dim() == 3:
+        g = g.unsqueeze(-1)
+    B, H, _, Lg = g.shape
+    g = F.pad(g, (0, 0, *pad), value=fill)
+    return g.view(B, H, -1, b, Lg).permute(2, 0, 1, 4, 3).contiguous()
+
+
+def _decay_matrix(x: Tensor) -> Tensor:
+    """P[..., t, u] = prod_{u < r <= t} x_r for t >= u, 0 above the diagonal. x: (..., b).
+
+    A cumulative product down masked columns: no logarithms, so exact zeros (eta = 0, alpha = 1)
+    and long products stay finite."""
+    b = x.shape[-1]
+    below = torch.ones(b, b, dtype=torch.bool, device=x.device).tril(-1)
+    M = torch.where(below, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
+    return torch.cumprod(M, dim=-2).tril()
+
+
+def chunk_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor):
+    """Scalars of the unrolled recurrence, per chunk, head and gate layer.
+
+    alpha, eta, theta: (N, B, H, Lg, b); valid: 1 for real tokens, 0 for padding.
+    Returns a, m: (N, B, H, Lg, b); C: (N, B, H, Lg, b, b); cS: (N, B, H, Lg, b); e: (N, B, H, Lg)
+    with  W_t = a_t W_0 + m_t S_0 - sum_s C[t, s] g_s  and  S_end = e S_0 - sum_s cS[s] g_s.
+    """
+    keep = 1 - alpha
+    P = _decay_matrix(keep) * valid.unsqueeze(-2)  # W_t picks up S_u only at real steps u
+    Q = _decay_matrix(eta)
+    E = torch.cumprod(eta, dim=-1)
+    a = torch.cumprod(keep, dim=-1)
+    m = (P @ E.unsqueeze(-1)).squeeze(-1)
+    C = (P @ Q) * theta.unsqueeze(-2)
+    cS = theta * Q[..., -1, :]
+    return a, m, C, cS, E[..., -1]
+
+
+def _chunk_step(G: Weights, W: Weights, S: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
+                clip: float | None, read: bool):
+    """One chunk. G: gradient base, W/S: weights and momentum at the chunk start, (B, H, ., .).
+    q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk.
+    Returns (y or None, W_end, S_end)."""
+    L, Lg = len(G), a.shape[2]
+    # inner gradients at G: inputs x_l and output-gradients delta_l of every layer, on k
+    xs, zs, h = [], [], k
+    for i in range(L):
+        xs.append(h)
+        h = h @ G[i]
+        zs.append(h)
+        if i < L - 1:
+            h = F.gelu(h)
+    if L == 1:
+        delta = h - v
+    else:
+        g_ln, b_ln = gamma.unsqueeze(-2), beta.unsqueeze(-2)
+        n, rstd = layer_norm(h)
+        gn = g_ln * (k + g_ln * n + b_ln - v)
+        delta = rstd * (gn - gn.mean(-1, keepdim=True) - n * (gn * n).mean(-1, keepdim=True))
+    deltas = [delta]
+    for i in range(L - 2, -1, -1):
+        delta = (delta @ G[i + 1].transpose(-1, -2)) * gelu_grad(zs[i])
+        deltas.append(delta)
+    deltas.reverse()
+    if clip is not None:  # clamp each token's inner-gradient norm: ||x^T delta|| = |x| |delta|
+        norm2 = sum(x.pow(2).sum(-1) * d.pow(2).sum(-1) for x, d in zip(xs, deltas))
+        scale = (clip * torch.rsqrt(norm2.clamp(min=clip * clip))).unsqueeze(-1)
+        deltas = [d * scale for d in deltas]
+
+    y = None
+    if read:  # y_t = M_{W_t}(q_t), layer by layer
+        u = q
+        for i in range(L):
+            j = i if Lg > 1 else 0
+            A = (u @ xs[i].transpose(-1, -2)) * C[:, :, j]
+            z = a[:, :, j, :, None] * (u @ W[i]) + m[:, :, j, :, None] * (u @ S[i]) - A @ deltas[i]
+            u = F.gelu(z) if i < L - 1 else z
+        y = u if L == 1 else q + g_ln * layer_norm(u)[0] + b_ln
+
+    W_end, S_end = [], []
+    for i in range(L):
+        j = i if Lg > 1 else 0
+        xT = xs[i].transpose(-1, -2)
+        W_end.append(a[:, :, j, -1, None, None] * W[i] + m[:, :, j, -1, None, None] * S[i]
+                     - xT @ (C[:, :, j, -1, :, None] * deltas[i]))
+        S_end.append(e[:, :, j, None, None] * S[i] - xT @ (cS[:, :, j, :, None] * deltas[i]))
+    return y, tuple(W_end), tuple(S_end)
+
+
+class _MemoryChunks(torch.autograd.Function):
+    """All chunks in one Function: the forward keeps only chunk-boundary states; the backward
+    walks the chunks in reverse, recomputing each from its boundary state."""
+
+    @staticmethod
+    def forward(ctx, L, clip, read, q, k, v, a, m, C, cS, e, gamma, beta, *states):
+        G, W, S = states[:L], states[L:2 * L], states[2 * L:]
+        N = q.shape[0]
+        y = torch.empty_like(q) if read else q.new_empty(0)
+        boundary = []
+        G_last = G
+        for n in range(N):
+            boundary.append((W, S))
+            G_last = G
+            y_n, W, S = _chunk_step(G, W, S, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+                                    gamma, beta, clip, read)
+            if read:
+                y[n] = y_n
+            G = W
+        if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
+            G_last = tuple(g.clone() for g in G_last)
+        ctx.L, ctx.clip, ctx.read, ctx.boundary = L, clip, read, boundary
+        ctx.G0 = states[:L]
+        ctx.save_for_backward(q, k, v, a, m, C, cS, e, gamma, beta)
+        if not read:
+            ctx.mark_non_differentiable(y)
+        return (y, *W, *S, *G_last)
+
+    @staticmethod
+    def backward(ctx, dy, *d_out):
+        L, clip, read = ctx.L, ctx.clip, ctx.read
+        q, k, v, a, m, C, cS, e, gamma, beta = ctx.saved_tensors
+        N = q.shape[0]
+        zeros = lambda ts: [torch.zeros_like(t) for t in ts]  # noqa: E731
+        fill = lambda ds, ref: [d if d is not None else torch.zeros_like(r) for d, r in zip(ds, ref)]  # noqa: E731
+        W_T = ctx.boundary[-1][0]
+        dW = fill(d_out[:L], W_T)
+        dS = fill(d_out[L:2 * L], W_T)
+        dG_last = None if all(d is None for d in d_out[2 * L:]) else fill(d_out[2 * L:], W_T)
+        per_chunk = [q, k, v, a, m, C, cS, e]
+        d_chunk = [torch.zeros_like(t) for t in per_chunk]
+        has_ln = gamma is not None
+        d_gamma = torch.zeros_like(gamma) if has_ln else None
+        d_beta = torch.zeros_like(beta) if has_ln else None
+        dG0 = zeros(ctx.G0)
+        for n in range(N - 1, -1, -1):
+            W_in, S_in = ctx.boundary[n]
+            with torch.enable_grad():
+                Wl = [w.detach().requires_grad_() for w in W_in]
+                Sl = [s.detach().requires_grad_() for s in S_in]
+                Gl = [g.detach().requires_grad_() for g in ctx.G0] if n == 0 else Wl
+                xs = [t[n].detach().requires_grad_() for t in per_chunk]
+                ln = [t.detach().requires_grad_() for t in (gamma, beta)] if has_ln else [None, None]
+                y_n, W_e, S_e = _chunk_step(Gl, Wl, Sl, *xs, *ln, clip, read)
+                outs = [*W_e, *S_e]
+                grads_out = [*dW, *dS]
+                if read:
+                    outs.append(y_n)
+                    grads_out.append(dy[n])
+                inputs = [*Wl, *Sl, *xs] + (ln if has_ln else []) + (Gl if n == 0 else [])
+                grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+            dW, dS = grads[:L], grads[L:2 * L]
+            for acc, g in zip(d_chunk, grads[2 * L:2 * L + 8]):
+                acc[n] = g
+            rest = grads[2 * L + 8:]
+            if has_ln:
+                d_gamma += rest[0]
+                d_beta += rest[1]
+                rest = rest[2:]
+            if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
+                if n == 0:
+                    rest = [r + g for r, g in zip(rest, dG_last)]
+                else:
+                    dW = [w + g for w, g in zip(dW, dG_last)]
+            if n == 0:
+                dG0 = rest
+        return (None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dW, *dS)
