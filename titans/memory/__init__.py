@@ -7,6 +7,7 @@
 
 from .chunked import memory_chunked
 from .functional import MemoryState, memory_apply
+from .layer import NeuralMemory, NeuralMemoryState
 from .naive import memory_recurrent
 
-__all__ = ["MemoryState", "memory_apply", "memory_chunked", "memory_recurrent"]
+__all__ = ["MemoryState", "NeuralMemory", "NeuralMemoryState", "memory_apply", "memory_chunked", "memory_recurrent"]

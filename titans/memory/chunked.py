@@ -66,8 +66,11 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
         valid[r:r + spec.T] = 1
         coef = chunk_coefficients(a_c, e_c, t_c, valid.view(N, 1, 1, 1, b))
         gamma, beta = (None, None) if ln is None else (ln[0].to(dtype), ln[1].to(dtype))
-        out = _MemoryChunks.apply(L, grad_clip, read, q_c, k_c, v_c, *coef, gamma, beta, *G, *W, *S)
-        y_c, W_T, S_T, G_T = out[0], out[1:1 + L], out[1 + L:1 + 2 * L], out[1 + 2 * L:]
+        WS = tuple(torch.cat([w, s], dim=-2) for w, s in zip(W, S))
+        out = _MemoryChunks.apply(L, grad_clip, read, q_c, k_c, v_c, *coef, gamma, beta, *G, *WS)
+        y_c, WS_T, G_T = out[0], out[1:1 + L], out[1 + L:]
+        W_T = _w_part(WS_T)
+        S_T = tuple(ws[:, :, ws.shape[2] // 2:] for ws in WS_T)
         y = None
         if read:
             y = y_c.permute(1, 2, 0, 3, 4).reshape(spec.B, spec.H, N * b, spec.D)[:, :, r:r + spec.T]
@@ -120,11 +123,20 @@ def chunk_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor)
     return a, m, C, cS, E[..., -1]
 
 
-def _chunk_step(G: Weights, W: Weights, S: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
+def _bmm_sub(base: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """base - x @ y for (B, H, ., .) tensors, as one fused GEMM."""
+    out = torch.baddbmm(base.flatten(0, 1), x.flatten(0, 1), y.flatten(0, 1), alpha=-1)
+    return out.view(*base.shape[:2], *out.shape[1:])
+
+
+def _chunk_step(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
                 clip: float | None, read: bool):
-    """One chunk. G: gradient base, W/S: weights and momentum at the chunk start, (B, H, ., .).
-    q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk.
-    Returns (y or None, W_end, S_end)."""
+    """One chunk.
+
+    G: gradient base (B, H, D_in, D_out) per layer; WS: [W; S] stacked on rows, (B, H, 2 D_in, D_out),
+    at the chunk start. q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk.
+    Returns (y or None, WS at the chunk end).
+    """
     L, Lg = len(G), a.shape[2]
     # inner gradients at G: inputs x_l and output-gradients delta_l of every layer, on k
     xs, zs, h = [], [], k
@@ -152,23 +164,25 @@ def _chunk_step(G: Weights, W: Weights, S: Weights, q, k, v, a, m, C, cS, e, gam
         deltas = [d * scale for d in deltas]
 
     y = None
-    if read:  # y_t = M_{W_t}(q_t), layer by layer
+    if read:  # y_t = M_{W_t}(q_t) = [a_t u_t, m_t u_t] @ [W; S] - (C * u X^T) delta, layer by layer
         u = q
         for i in range(L):
             j = i if Lg > 1 else 0
             A = (u @ xs[i].transpose(-1, -2)) * C[:, :, j]
-            z = a[:, :, j, :, None] * (u @ W[i]) + m[:, :, j, :, None] * (u @ S[i]) - A @ deltas[i]
+            au = torch.cat([a[:, :, j, :, None] * u, m[:, :, j, :, None] * u], dim=-1)
+            z = _bmm_sub(au @ WS[i], A, deltas[i])
             u = F.gelu(z) if i < L - 1 else z
         y = u if L == 1 else q + g_ln * layer_norm(u)[0] + b_ln
 
-    W_end, S_end = [], []
+    WS_end = []
     for i in range(L):
         j = i if Lg > 1 else 0
-        xT = xs[i].transpose(-1, -2)
-        W_end.append(a[:, :, j, -1, None, None] * W[i] + m[:, :, j, -1, None, None] * S[i]
-                     - xT @ (C[:, :, j, -1, :, None] * deltas[i]))
-        S_end.append(e[:, :, j, None, None] * S[i] - xT @ (cS[:, :, j, :, None] * deltas[i]))
-    return y, tuple(W_end), tuple(S_end)
+        W, S = WS[i].chunk(2, dim=2)
+        a_end, m_end, e_j = (c[..., None, None] for c in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
+        base = torch.cat([torch.addcmul(W * a_end, S, m_end), S * e_j], dim=2)
+        xc = torch.cat([C[:, :, j, -1, :, None] * xs[i], cS[:, :, j, :, None] * xs[i]], dim=-1)
+        WS_end.append(_bmm_sub(base, xc.transpose(-1, -2), deltas[i]))
+    return y, tuple(WS_end)
 
 
 class _MemoryChunks(torch.autograd.Function):
@@ -177,75 +191,77 @@ class _MemoryChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, L, clip, read, q, k, v, a, m, C, cS, e, gamma, beta, *states):
-        G, W, S = states[:L], states[L:2 * L], states[2 * L:]
+        G, WS = states[:L], states[L:]
         N = q.shape[0]
         y = torch.empty_like(q) if read else q.new_empty(0)
-        boundary = []
-        G_last = G
+        boundary, G_last = [], G
         for n in range(N):
-            boundary.append((W, S))
+            boundary.append(WS)
             G_last = G
-            y_n, W, S = _chunk_step(G, W, S, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
-                                    gamma, beta, clip, read)
+            y_n, WS = _chunk_step(G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+                                  gamma, beta, clip, read)
             if read:
                 y[n] = y_n
-            G = W
+            G = _w_part(WS)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
-        ctx.L, ctx.clip, ctx.read, ctx.boundary = L, clip, read, boundary
-        ctx.G0 = states[:L]
+        ctx.L, ctx.clip, ctx.read, ctx.boundary, ctx.G0 = L, clip, read, boundary, states[:L]
         ctx.save_for_backward(q, k, v, a, m, C, cS, e, gamma, beta)
         if not read:
             ctx.mark_non_differentiable(y)
-        return (y, *W, *S, *G_last)
+        return (y, *WS, *G_last)
 
     @staticmethod
     def backward(ctx, dy, *d_out):
         L, clip, read = ctx.L, ctx.clip, ctx.read
         q, k, v, a, m, C, cS, e, gamma, beta = ctx.saved_tensors
-        N = q.shape[0]
-        zeros = lambda ts: [torch.zeros_like(t) for t in ts]  # noqa: E731
-        fill = lambda ds, ref: [d if d is not None else torch.zeros_like(r) for d, r in zip(ds, ref)]  # noqa: E731
-        W_T = ctx.boundary[-1][0]
-        dW = fill(d_out[:L], W_T)
-        dS = fill(d_out[L:2 * L], W_T)
-        dG_last = None if all(d is None for d in d_out[2 * L:]) else fill(d_out[2 * L:], W_T)
+        N, has_ln = q.shape[0], gamma is not None
+        zero_if_none = lambda ds, ref: [torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref)]  # noqa: E731
+        dWS = zero_if_none(d_out[:L], ctx.boundary[-1])
+        dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
         per_chunk = [q, k, v, a, m, C, cS, e]
         d_chunk = [torch.zeros_like(t) for t in per_chunk]
-        has_ln = gamma is not None
-        d_gamma = torch.zeros_like(gamma) if has_ln else None
-        d_beta = torch.zeros_like(beta) if has_ln else None
-        dG0 = zeros(ctx.G0)
+        d_ln = [torch.zeros_like(gamma), torch.zeros_like(beta)] if has_ln else []
+        dG0 = None
         for n in range(N - 1, -1, -1):
-            W_in, S_in = ctx.boundary[n]
             with torch.enable_grad():
-                Wl = [w.detach().requires_grad_() for w in W_in]
-                Sl = [s.detach().requires_grad_() for s in S_in]
-                Gl = [g.detach().requires_grad_() for g in ctx.G0] if n == 0 else Wl
+                WSl = [w.detach().requires_grad_() for w in ctx.boundary[n]]
+                Gl = [g.detach().requires_grad_() for g in ctx.G0] if n == 0 else _w_part(WSl)
                 xs = [t[n].detach().requires_grad_() for t in per_chunk]
                 ln = [t.detach().requires_grad_() for t in (gamma, beta)] if has_ln else [None, None]
-                y_n, W_e, S_e = _chunk_step(Gl, Wl, Sl, *xs, *ln, clip, read)
-                outs = [*W_e, *S_e]
-                grads_out = [*dW, *dS]
+                y_n, WS_e = _chunk_step(Gl, WSl, *xs, *ln, clip, read)
+                outs, grads_out = [*WS_e], [*dWS]
                 if read:
                     outs.append(y_n)
                     grads_out.append(dy[n])
-                inputs = [*Wl, *Sl, *xs] + (ln if has_ln else []) + (Gl if n == 0 else [])
+                inputs = [*WSl, *xs] + (ln if has_ln else []) + (Gl if n == 0 else [])
                 grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-            dW, dS = grads[:L], grads[L:2 * L]
-            for acc, g in zip(d_chunk, grads[2 * L:2 * L + 8]):
+            grads = zero_if_none(grads, inputs)
+            dWS = grads[:L]
+            for acc, g in zip(d_chunk, grads[L:L + 8]):
                 acc[n] = g
-            rest = grads[2 * L + 8:]
+            rest = grads[L + 8:]
             if has_ln:
-                d_gamma += rest[0]
-                d_beta += rest[1]
+                d_ln[0] += rest[0]
+                d_ln[1] += rest[1]
                 rest = rest[2:]
             if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
                 if n == 0:
                     rest = [r + g for r, g in zip(rest, dG_last)]
                 else:
-                    dW = [w + g for w, g in zip(dW, dG_last)]
+                    dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG_last)]
             if n == 0:
                 dG0 = rest
-        return (None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dW, *dS)
+        d_gamma, d_beta = d_ln if has_ln else (None, None)
+        return (None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS)
+
+
+def _w_part(WS: Weights) -> Weights:
+    """W from stacked [W; S] (views)."""
+    return tuple(ws[:, :, : ws.shape[2] // 2] for ws in WS)
+
+
+def _add_w_part(dWS: Tensor, dW: Tensor) -> Tensor:
+    out = dWS.clone()
+    out[:, :, : dW.shape[2]] += dW
+    return out

@@ -1,0 +1,225 @@
+"""NeuralMemory: the long-term memory as an nn.Module (SPEC.md §2, "Layer output").
+
+x -> q, k, v (linear, causal depthwise conv, SiLU; q, k L2-normalised per head)
+  -> gates alpha, eta, theta per head (linear + sigmoid)
+  -> memory_chunked (the inner loop)
+  -> W_o(RMSNorm(y) * SiLU(x W_g))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .chunked import run_memory
+from .functional import MemoryState, memory_apply, no_autocast
+
+# Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
+ALPHA_BIAS = -5.0  # sigmoid -> 0.0067
+ETA_BIAS = 1.0  # sigmoid -> 0.73
+THETA_BIAS = -2.2  # sigmoid -> 0.10, times theta_max
+
+
+@dataclass
+class NeuralMemoryState:
+    """memory: the inner-loop state; conv: last (kernel - 1) projected inputs, (B, K-1, 3 dim);
+    gate: gate logits of the open chunk's first token (only with chunk_gates), (B, 1, n_gates)."""
+
+    memory: MemoryState
+    conv: Tensor | None
+    gate: Tensor | None = None
+
+    def detach(self) -> NeuralMemoryState:
+        cut = lambda t: None if t is None else t.detach()  # noqa: E731
+        return NeuralMemoryState(self.memory.detach(), cut(self.conv), cut(self.gate))
+
+
+class NeuralMemory(nn.Module):
+    """Neural long-term memory layer.
+
+    dim: model width; heads: memory heads (head dim = dim / heads); depth: memory MLP layers L_M
+    (1 = linear memory); expansion: hidden width of a deep memory, times head dim; chunk_size: b.
+    momentum / forgetting / conv: the paper's ablations (off = eta 0 / alpha 0 / no convolution).
+    per_layer_gates: separate alpha, eta, theta for each memory layer. chunk_gates: one gate value
+    per chunk, taken at the chunk's first token (causal). theta_max: upper bound of the inner
+    learning rate. grad_clip: clamp each token's inner-gradient norm (None = off).
+    """
+
+    def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: int = 4, chunk_size: int = 16,
+                 momentum: bool = True, forgetting: bool = True, conv: bool = True,
+                 per_layer_gates: bool = False, chunk_gates: bool = False, theta_max: float = 1.0,
+                 grad_clip: float | None = None, conv_kernel: int = 4):
+        super().__init__()
+        for name, val in (("dim", dim), ("heads", heads), ("depth", depth), ("expansion", expansion),
+                          ("chunk_size", chunk_size), ("conv_kernel", conv_kernel)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"NeuralMemory: {name} must be a positive int, got {val!r}")
+        if dim % heads:
+            raise ValueError(f"NeuralMemory: heads ({heads}) must divide dim ({dim}); "
+                             f"choose heads from {[h for h in range(1, dim + 1) if dim % h == 0][:12]}")
+        if not theta_max > 0:
+            raise ValueError(f"NeuralMemory: theta_max must be > 0, got {theta_max!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"NeuralMemory: grad_clip must be None or > 0, got {grad_clip!r}")
+        self.dim, self.heads, self.head_dim, self.depth = dim, heads, dim // heads, depth
+        self.chunk_size, self.momentum, self.forgetting = chunk_size, momentum, forgetting
+        self.per_layer_gates, self.chunk_gates = per_layer_gates, chunk_gates
+        self.theta_max, self.grad_clip, self.kernel = theta_max, grad_clip, conv_kernel
+        D = self.head_dim
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv = nn.Parameter(torch.zeros(3 * dim, conv_kernel)) if conv else None
+        if conv:  # start close to identity: the current token dominates
+            with torch.no_grad():
+                self.conv[:, -1] = 1.0
+                self.conv[:, :-1].normal_(0, 0.1)
+        # gate logits: theta always, eta with momentum, alpha with forgetting
+        self.gate_names = ["theta"] + (["eta"] if momentum else []) + (["alpha"] if forgetting else [])
+        self.gates_per_head = depth if per_layer_gates else 1
+        self.gates = nn.Linear(dim, len(self.gate_names) * heads * self.gates_per_head)
+        nn.init.normal_(self.gates.weight, std=0.02)
+        bias = {"theta": THETA_BIAS, "eta": ETA_BIAS, "alpha": ALPHA_BIAS}
+        with torch.no_grad():
+            self.gates.bias.copy_(torch.tensor([bias[n] for n in self.gate_names])
+                                  .repeat_interleave(heads * self.gates_per_head))
+
+        dims = [D] + [D * expansion] * (depth - 1) + [D]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(depth))
+        if depth >= 2:
+            self.ln_gamma = nn.Parameter(torch.ones(heads, D))
+            self.ln_beta = nn.Parameter(torch.zeros(heads, D))
+        self.out_norm = nn.RMSNorm(D, eps=1e-6)
+        self.gate_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def ln(self) -> tuple[Tensor, Tensor] | None:
+        return (self.ln_gamma, self.ln_beta) if self.depth >= 2 else None
+
+    def init_state(self, batch_size: int) -> NeuralMemoryState:
+        """The state before any token: the learned initial memory, zero momentum, empty caches."""
+        W = tuple(w.expand(batch_size, *w.shape) for w in self.weights)
+        mem = MemoryState(W, tuple(torch.zeros_like(w) for w in W), W, 0, self.chunk_size)
+        conv = None if self.conv is None else self.conv.new_zeros(batch_size, self.kernel - 1, 3 * self.dim)
+        return NeuralMemoryState(mem, conv)
+
+    def _check(self, x: Tensor, state: NeuralMemoryState | None) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"NeuralMemory: x must be (B, T, {self.dim}), got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"NeuralMemory: x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[1] < 1:
+            raise ValueError("NeuralMemory: x must hold at least one token (T >= 1)")
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("NeuralMemory: the input x contains NaN or Inf "
+                                     "(it came from the layers before the memory)")
+        if state is not None:
+            if not isinstance(state, NeuralMemoryState):
+                raise ValueError(f"NeuralMemory: state must be a NeuralMemoryState or None, "
+                                 f"got {type(state).__name__}")
+            if state.memory.batch_size != x.shape[0]:
+                raise ValueError(f"NeuralMemory: state is for batch size {state.memory.batch_size}, "
+                                 f"x has batch size {x.shape[0]}")
+
+    def _qkv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k); returns the new conv cache."""
+        h = self.qkv(x)
+        new_cache = None
+        if self.conv is not None:
+            if cache is None:
+                cache = h.new_zeros(h.shape[0], self.kernel - 1, h.shape[2])
+            h = torch.cat([cache.to(h.dtype), h], dim=1)
+            new_cache = h[:, h.shape[1] - (self.kernel - 1):]
+            h = F.conv1d(h.transpose(1, 2), self.conv.to(h.dtype).unsqueeze(1), groups=h.shape[2])
+            h = h.transpose(1, 2)
+        h = F.silu(h)
+        q, k, v = rearrange(h, "b t (s h d) -> s b h t d", s=3, h=self.heads)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
+
+    def _gates(self, x: Tensor, state: NeuralMemoryState | None):
+        """alpha, eta, theta: (B, H, T) or (B, H, T, L); and the chunk-gate carry for the state."""
+        logits = self.gates(x)  # (B, T, n_gates), at least float32 for the memory recurrence
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        carry = None
+        if self.chunk_gates:
+            logits, carry = self._chunk_gate_logits(logits, state)
+        g = rearrange(logits, "b t (n h l) -> n b h t l", n=len(self.gate_names), h=self.heads)
+        if not self.per_layer_gates:
+            g = g[..., 0]
+        named = dict(zip(self.gate_names, torch.sigmoid(g).unbind(0)))
+        theta = named["theta"] * self.theta_max
+        zeros = torch.zeros_like(theta)
+        return named.get("alpha", zeros), named.get("eta", zeros), theta, carry
+
+    def _chunk_gate_logits(self, logits: Tensor, state: NeuralMemoryState | None):
+        """Every token takes the gate logits of its chunk's first token (stream-aligned chunks)."""
+        B, T, _ = logits.shape
+        pos = 0 if state is None else state.memory.position
+        b = self.chunk_size
+        carried = logits[:, :1] if state is None or state.gate is None else state.gate.to(logits.dtype)
+        table = torch.cat([carried, logits], dim=1)  # index 0: the open chunk's first token
+        p = torch.arange(pos, pos + T, device=logits.device)
+        start = p - p % b
+        idx = torch.where(start >= pos, start - pos + 1, torch.zeros_like(start))
+        end = pos + T
+        open_start = end - end % b
+        carry = None if end % b == 0 else table[:, max(open_start - pos + 1, 0)].unsqueeze(1)
+        return table[:, idx], carry
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        y = self.out_norm(y.to(x.dtype))
+        y = rearrange(y, "b h t d -> b t (h d)")
+        return self.out_proj(y * F.silu(self.gate_proj(x)))
+
+    def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool):
+        self._check(x, state)
+        q, k, v, conv = self._qkv(x, None if state is None else state.conv)
+        alpha, eta, theta, carry = self._gates(x, state)
+        y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
+                            ln=self.ln, state=None if state is None else state.memory,
+                            grad_clip=self.grad_clip, read=read)
+        if not all(torch.isfinite(w).all() for w in mem.weights):
+            raise FloatingPointError(
+                f"NeuralMemory: the memory weights became NaN/Inf within positions "
+                f"[{mem.position - x.shape[1]}, {mem.position}); the inner updates diverged. "
+                f"Lower theta_max (now {self.theta_max}) or set grad_clip (now {self.grad_clip}).")
+        return y, NeuralMemoryState(mem, conv, carry)
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None
+                ) -> tuple[Tensor, NeuralMemoryState]:
+        """Write every token and read after each write. x: (B, T, dim) -> out (B, T, dim), state."""
+        y, new_state = self._memory(x, state, read=True)
+        return self._output(y, x), new_state
+
+    def update(self, x: Tensor, state: NeuralMemoryState | None = None) -> NeuralMemoryState:
+        """Write only: the state after storing x (B, T, dim)."""
+        return self._memory(x, state, read=False)[1]
+
+    def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None, *,
+                 conv_cache: Tensor | None = None) -> Tensor:
+        """Read only: y_t = M_W(q_t) with the state's current weights W for every token of x
+        (B, T, dim); nothing is written. The convolution sees `conv_cache` (the projected inputs
+        before x, (B, K-1, 3 dim)) or zeros."""
+        self._check(x, state)
+        q = self._qkv(x, conv_cache)[0]
+        W = tuple(self.weights) if state is None else state.memory.weights
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731
+        with no_autocast(x.device.type):
+            y = memory_apply(q.to(dtype), cast(W), cast(self.ln))
+        return self._output(y, x)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
+                f"momentum={self.momentum}, forgetting={self.forgetting}, conv={self.conv is not None}, "
+                f"per_layer_gates={self.per_layer_gates}, chunk_gates={self.chunk_gates}")
+
