@@ -15,6 +15,7 @@ forward pass and recomputes each chunk in the backward pass.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -129,15 +130,17 @@ def _bmm_sub(base: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return out.view(*base.shape[:2], *out.shape[1:])
 
 
-def _chunk_step(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
-                clip: float | None, read: bool):
+def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
+                   clip: float | None, read: bool, keep: bool = False):
     """One chunk.
 
     G: gradient base (B, H, D_in, D_out) per layer; WS: [W; S] stacked on rows, (B, H, 2 D_in, D_out),
-    at the chunk start. q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk.
-    Returns (y or None, WS at the chunk end).
+    at the chunk start. q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk,
+    gate layer j = l for per-layer gates, else 0. Returns (y or None, WS at the chunk end, cache), the
+    cache (intermediates for `_chunk_backward`) only when `keep`.
     """
     L, Lg = len(G), a.shape[2]
+    c = SimpleNamespace(L=L, Lg=Lg)
     # inner gradients at G: inputs x_l and output-gradients delta_l of every layer, on k
     xs, zs, h = [], [], k
     for i in range(L):
@@ -150,39 +153,181 @@ def _chunk_step(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
         delta = h - v
     else:
         g_ln, b_ln = gamma.unsqueeze(-2), beta.unsqueeze(-2)
-        n, rstd = layer_norm(h)
-        gn = g_ln * (k + g_ln * n + b_ln - v)
-        delta = rstd * (gn - gn.mean(-1, keepdim=True) - n * (gn * n).mean(-1, keepdim=True))
-    deltas = [delta]
+        n, r = layer_norm(h)
+        err = k + g_ln * n + b_ln - v
+        gn = g_ln * err
+        J = gn - gn.mean(-1, keepdim=True) - n * (gn * n).mean(-1, keepdim=True)
+        delta = r * J  # LayerNorm backward of gn
+        c.n, c.r, c.err, c.gn, c.J = n, r, err, gn, J
+    deltas, ts, gps = [delta], [], []
     for i in range(L - 2, -1, -1):
-        delta = (delta @ G[i + 1].transpose(-1, -2)) * gelu_grad(zs[i])
-        deltas.append(delta)
-    deltas.reverse()
+        t = delta @ G[i + 1].transpose(-1, -2)
+        gp = gelu_grad(zs[i])
+        delta = t * gp
+        ts.insert(0, t)
+        gps.insert(0, gp)
+        deltas.insert(0, delta)
+    dts = deltas  # the deltas that are written (after the optional clamp)
     if clip is not None:  # clamp each token's inner-gradient norm: ||x^T delta|| = |x| |delta|
         norm2 = sum(x.pow(2).sum(-1) * d.pow(2).sum(-1) for x, d in zip(xs, deltas))
         scale = (clip * torch.rsqrt(norm2.clamp(min=clip * clip))).unsqueeze(-1)
-        deltas = [d * scale for d in deltas]
+        dts = [d * scale for d in deltas]
+        c.norm2, c.scale = norm2, scale
 
     y = None
     if read:  # y_t = M_{W_t}(q_t) = [a_t u_t, m_t u_t] @ [W; S] - (C * u X^T) delta, layer by layer
-        u = q
+        u, us, ps, Ps, As, aus = q, [], [], [], [], []
         for i in range(L):
             j = i if Lg > 1 else 0
-            A = (u @ xs[i].transpose(-1, -2)) * C[:, :, j]
+            P = u @ xs[i].transpose(-1, -2)
+            A = P * C[:, :, j]
             au = torch.cat([a[:, :, j, :, None] * u, m[:, :, j, :, None] * u], dim=-1)
-            z = _bmm_sub(au @ WS[i], A, deltas[i])
-            u = F.gelu(z) if i < L - 1 else z
-        y = u if L == 1 else q + g_ln * layer_norm(u)[0] + b_ln
+            p = _bmm_sub(au @ WS[i], A, dts[i])
+            us.append(u), ps.append(p), Ps.append(P), As.append(A), aus.append(au)
+            u = F.gelu(p) if i < L - 1 else p
+        if L == 1:
+            y = u
+        else:
+            nq, rq = layer_norm(u)
+            y = q + g_ln * nq + b_ln
+            c.nq, c.rq = nq, rq
+        c.us, c.ps, c.Ps, c.As, c.aus = us, ps, Ps, As, aus
 
-    WS_end = []
+    WS_end, xcs = [], []
     for i in range(L):
         j = i if Lg > 1 else 0
         W, S = WS[i].chunk(2, dim=2)
-        a_end, m_end, e_j = (c[..., None, None] for c in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
+        a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
+        # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta
         base = torch.cat([torch.addcmul(W * a_end, S, m_end), S * e_j], dim=2)
         xc = torch.cat([C[:, :, j, -1, :, None] * xs[i], cS[:, :, j, :, None] * xs[i]], dim=-1)
-        WS_end.append(_bmm_sub(base, xc.transpose(-1, -2), deltas[i]))
-    return y, tuple(WS_end)
+        WS_end.append(_bmm_sub(base, xc.transpose(-1, -2), dts[i]))
+        xcs.append(xc)
+    if keep:
+        c.xs, c.zs, c.deltas, c.dts, c.ts, c.gps, c.xcs = xs, zs, deltas, dts, ts, gps, xcs
+    return y, tuple(WS_end), c if keep else None
+
+
+def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
+                    clip: float | None, read: bool, dy, dWS_end):
+    """Gradients of one chunk, by hand: recompute the chunk's intermediates, then walk back
+    (state update -> read -> clamp -> delta chain -> LayerNorm backward -> memory MLP on k).
+    Returns (dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta)."""
+    _, _, c = _chunk_forward(G, WS, q, k, v, a, m, C, cS, e, gamma, beta, clip, read, keep=True)
+    L, Lg, xs, dts = c.L, c.Lg, c.xs, c.dts
+    da, dm, dC, dcS, de = (torch.zeros_like(t) for t in (a, m, C, cS, e))
+    dxs = [torch.zeros_like(x) for x in xs]
+    ddt = [torch.zeros_like(d) for d in dts]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dgamma = dbeta = None
+    if L > 1:
+        g_ln = gamma.unsqueeze(-2)
+        dgamma, dbeta = torch.zeros_like(gamma), torch.zeros_like(beta)
+    rowsum = lambda x, y: (x * y).sum(-1)  # noqa: E731
+
+    # state update: WS_end = [a W + m S; e S] - xc^T dt
+    dWS = []
+    for i in range(L):
+        j = i if Lg > 1 else 0
+        W, S = WS[i].chunk(2, dim=2)
+        dWe, dSe = dWS_end[i].chunk(2, dim=2)
+        a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
+        dWS.append(torch.cat([dWe * a_end, torch.addcmul(dSe * e_j, dWe, m_end)], dim=2))
+        da[:, :, j, -1] += (dWe * W).sum((-2, -1))
+        dm[:, :, j, -1] += (dWe * S).sum((-2, -1))
+        de[:, :, j] += (dSe * S).sum((-2, -1))
+        dxc = -(dts[i] @ dWS_end[i].transpose(-1, -2))
+        dxc_w, dxc_s = dxc.chunk(2, dim=-1)
+        dxs[i] += C[:, :, j, -1, :, None] * dxc_w + cS[:, :, j, :, None] * dxc_s
+        dC[:, :, j, -1] += rowsum(dxc_w, xs[i])
+        dcS[:, :, j] += rowsum(dxc_s, xs[i])
+        ddt[i] = _bmm_sub(ddt[i], c.xcs[i], dWS_end[i])
+
+    # read: p_l = [a u, m u] @ [W; S] - (P * C) dt,  P = u x^T,  u_{l+1} = gelu(p_l)
+    if read:
+        if L == 1:
+            dp = dy
+        else:
+            dgamma += (dy * c.nq).sum((0, 2))
+            dbeta += dy.sum((0, 2))
+            dq += dy
+            dp = _layer_norm_backward(c.nq, c.rq, dy * g_ln)
+        for i in range(L - 1, -1, -1):
+            j = i if Lg > 1 else 0
+            u = c.us[i]
+            dau = dp @ WS[i].transpose(-1, -2)
+            dWS[i] = torch.baddbmm(dWS[i].flatten(0, 1), c.aus[i].transpose(-1, -2).flatten(0, 1),
+                                   dp.flatten(0, 1)).view_as(dWS[i])
+            dau_a, dau_m = dau.chunk(2, dim=-1)
+            du = a[:, :, j, :, None] * dau_a + m[:, :, j, :, None] * dau_m
+            da[:, :, j] += rowsum(dau_a, u)
+            dm[:, :, j] += rowsum(dau_m, u)
+            dA = -(dp @ dts[i].transpose(-1, -2))
+            ddt[i] = _bmm_sub(ddt[i], c.As[i].transpose(-1, -2), dp)
+            dC[:, :, j] += dA * c.Ps[i]
+            dP = dA * C[:, :, j]
+            du = du + dP @ xs[i]
+            dxs[i] += dP.transpose(-1, -2) @ u
+            if i > 0:
+                dp = du * gelu_grad(c.ps[i - 1])
+            else:
+                dq += du
+
+    # clamp: dt = s * delta, s = clip / sqrt(max(N2, clip^2)), N2 = sum_l |x_l|^2 |delta_l|^2
+    if clip is not None:
+        ds = sum(rowsum(g, d) for g, d in zip(ddt, c.deltas))
+        ddelta = [g * c.scale for g in ddt]
+        dN2 = torch.where(c.norm2 > clip * clip, -ds * c.scale.squeeze(-1) / (2 * c.norm2), 0.0)
+        for i in range(L):
+            dxs[i] += (2 * dN2 * c.deltas[i].pow(2).sum(-1)).unsqueeze(-1) * xs[i]
+            ddelta[i] = ddelta[i] + (2 * dN2 * xs[i].pow(2).sum(-1)).unsqueeze(-1) * c.deltas[i]
+    else:
+        ddelta = ddt
+
+    # delta chain: delta_l = (delta_{l+1} G_{l+1}^T) * gelu'(z_l)
+    dG = [torch.zeros_like(g) for g in G]
+    dzs = [None] * L
+    for i in range(L - 1):
+        dt_i = ddelta[i] * c.gps[i]
+        dzs[i] = ddelta[i] * c.ts[i] * _gelu_second(c.zs[i])
+        ddelta[i + 1] = ddelta[i + 1] + dt_i @ G[i + 1]
+        dG[i + 1] += dt_i.transpose(-1, -2) @ c.deltas[i + 1]
+    dd = ddelta[L - 1]
+    if L == 1:  # delta = z - v
+        dzs[0] = dd
+        dv -= dd
+    else:  # delta = r * J(gn, n),  gn = gamma * err,  err = k + gamma n + beta - v,  (n, r) = LN(z)
+        n, r, J, gn, err = c.n, c.r, c.J, c.gn, c.err
+        dr = rowsum(dd, J).unsqueeze(-1)
+        dJ = r * dd
+        dJn = (dJ * n).mean(-1, keepdim=True)
+        dgn = dJ - dJ.mean(-1, keepdim=True) - n * dJn
+        dn = -dJ * (gn * n).mean(-1, keepdim=True) - gn * dJn
+        derr = g_ln * dgn
+        dgamma += (dgn * err + derr * n).sum((0, 2))
+        dbeta += derr.sum((0, 2))
+        dk += derr
+        dv -= derr
+        dn = dn + g_ln * derr
+        dzs[L - 1] = _layer_norm_backward(n, r, dn) - (r * r * dr / n.shape[-1]) * n
+
+    # memory MLP on k: z_l = x_l G_l, x_{l+1} = gelu(z_l)
+    for i in range(L - 1, -1, -1):
+        dz = dzs[i] if i == L - 1 else dzs[i] + dxs[i + 1] * c.gps[i]
+        dG[i] += xs[i].transpose(-1, -2) @ dz
+        dxs[i] += dz @ G[i].transpose(-1, -2)
+    dk += dxs[0]
+    return dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta
+
+
+def _layer_norm_backward(n: Tensor, r: Tensor, dn: Tensor) -> Tensor:
+    """Gradient at z of n = LN(z) (no affine), given dn; r = 1/std."""
+    return r * (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True))
+
+
+def _gelu_second(z: Tensor) -> Tensor:
+    """d^2/dz^2 of the exact GELU: phi(z) (2 - z^2)."""
+    return torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi)) * (2.0 - z * z)
 
 
 class _MemoryChunks(torch.autograd.Function):
@@ -198,8 +343,8 @@ class _MemoryChunks(torch.autograd.Function):
         for n in range(N):
             boundary.append(WS)
             G_last = G
-            y_n, WS = _chunk_step(G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
-                                  gamma, beta, clip, read)
+            y_n, WS, _ = _chunk_forward(G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+                                        gamma, beta, clip, read)
             if read:
                 y[n] = y_n
             G = _w_part(WS)
@@ -215,44 +360,29 @@ class _MemoryChunks(torch.autograd.Function):
     def backward(ctx, dy, *d_out):
         L, clip, read = ctx.L, ctx.clip, ctx.read
         q, k, v, a, m, C, cS, e, gamma, beta = ctx.saved_tensors
-        N, has_ln = q.shape[0], gamma is not None
+        N = q.shape[0]
         zero_if_none = lambda ds, ref: [torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref)]  # noqa: E731
         dWS = zero_if_none(d_out[:L], ctx.boundary[-1])
         dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
-        per_chunk = [q, k, v, a, m, C, cS, e]
-        d_chunk = [torch.zeros_like(t) for t in per_chunk]
-        d_ln = [torch.zeros_like(gamma), torch.zeros_like(beta)] if has_ln else []
-        dG0 = None
+        d_chunk = [torch.zeros_like(t) for t in (q, k, v, a, m, C, cS, e)]
+        d_gamma = d_beta = None
         for n in range(N - 1, -1, -1):
-            with torch.enable_grad():
-                WSl = [w.detach().requires_grad_() for w in ctx.boundary[n]]
-                Gl = [g.detach().requires_grad_() for g in ctx.G0] if n == 0 else _w_part(WSl)
-                xs = [t[n].detach().requires_grad_() for t in per_chunk]
-                ln = [t.detach().requires_grad_() for t in (gamma, beta)] if has_ln else [None, None]
-                y_n, WS_e = _chunk_step(Gl, WSl, *xs, *ln, clip, read)
-                outs, grads_out = [*WS_e], [*dWS]
-                if read:
-                    outs.append(y_n)
-                    grads_out.append(dy[n])
-                inputs = [*WSl, *xs] + (ln if has_ln else []) + (Gl if n == 0 else [])
-                grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-            grads = zero_if_none(grads, inputs)
-            dWS = grads[:L]
-            for acc, g in zip(d_chunk, grads[L:L + 8]):
+            WS = ctx.boundary[n]
+            G = ctx.G0 if n == 0 else _w_part(WS)
+            dG, dWS, *d_n, dg, db = _chunk_backward(
+                G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip, read,
+                dy[n] if read else None, dWS)
+            for acc, g in zip(d_chunk, d_n):
                 acc[n] = g
-            rest = grads[L + 8:]
-            if has_ln:
-                d_ln[0] += rest[0]
-                d_ln[1] += rest[1]
-                rest = rest[2:]
+            if dg is not None:
+                d_gamma = dg if d_gamma is None else d_gamma + dg
+                d_beta = db if d_beta is None else d_beta + db
             if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
-                if n == 0:
-                    rest = [r + g for r, g in zip(rest, dG_last)]
-                else:
-                    dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG_last)]
-            if n == 0:
-                dG0 = rest
-        d_gamma, d_beta = d_ln if has_ln else (None, None)
+                dG = [g + h for g, h in zip(dG, dG_last)]
+            if n > 0:  # this chunk's base is the previous chunk's end W
+                dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
+            else:
+                dG0 = dG
         return (None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS)
 
 
