@@ -33,8 +33,13 @@ def build(impl: str):
     if impl == "titans-pytorch":
         from titans_pytorch import NeuralMemory
 
-        return NeuralMemory(DIM, chunk_size=CHUNK, dim_head=DIM // HEADS, heads=HEADS,
-                            default_model_kwargs=dict(depth=DEPTH, expansion_factor=float(EXPANSION)))
+        return NeuralMemory(
+            DIM,
+            chunk_size=CHUNK,
+            dim_head=DIM // HEADS,
+            heads=HEADS,
+            default_model_kwargs=dict(depth=DEPTH, expansion_factor=float(EXPANSION)),
+        )
     raise ValueError(f"unknown implementation {impl!r}; expected titans or titans-pytorch")
 
 
@@ -54,8 +59,12 @@ def worker(impl: str, T: int, count_flops: bool) -> dict:
     t0 = time.perf_counter()
     step(module, x)
     seconds = time.perf_counter() - t0
-    result = {"impl": impl, "T": T, "seconds": seconds,
-              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    result = {
+        "impl": impl,
+        "T": T,
+        "seconds": seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,14 +85,18 @@ def matmul_rate(n: int = 2048, reps: int = 7) -> float:
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def run_worker(impl: str, T: int, count_flops: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--T", str(T)] + (["--flops"] if count_flops else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
-        return {"impl": impl, "T": T, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+        return {
+            "impl": impl,
+            "T": T,
+            "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed",
+        }
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,8 +125,11 @@ def main() -> None:
             for impl in impls if r % 2 == 0 else impls[::-1]:  # alternate the order
                 res = run_worker(impl, T)
                 runs.setdefault((impl, T), []).append(res)
-                shown = (f"{res['seconds']:.3f} s, {res['peak_rss_gb']:.2f} GB" if "error" not in res
-                         else res["error"])
+                shown = (
+                    f"{res['seconds']:.3f} s, {res['peak_rss_gb']:.2f} GB"
+                    if "error" not in res
+                    else res["error"]
+                )
                 print(f"  T={T:6d} {impl:15s} run {r + 1}: {shown}", flush=True)
         if "titans" in impls:
             flops[T] = run_worker("titans", T, count_flops=True).get("flops", float("nan"))
@@ -126,34 +142,49 @@ def main() -> None:
             if not ok:
                 row[impl] = {"error": runs[(impl, T)][0]["error"]}
                 continue
-            row[impl] = {"seconds": statistics.median(x["seconds"] for x in ok),
-                         "peak_rss_gb": statistics.median(x["peak_rss_gb"] for x in ok),
-                         "per_token_us": statistics.median(x["seconds"] for x in ok) / (BATCH * T) * 1e6}
+            row[impl] = {
+                "seconds": statistics.median(x["seconds"] for x in ok),
+                "peak_rss_gb": statistics.median(x["peak_rss_gb"] for x in ok),
+                "per_token_us": statistics.median(x["seconds"] for x in ok) / (BATCH * T) * 1e6,
+            }
         if "titans" in row and "seconds" in row["titans"]:
             achieved = flops[T] / row["titans"]["seconds"] / 1e9
             row["titans"].update(gflop=flops[T] / 1e9, gflops=achieved, matmul_fraction=achieved / rate)
         rows.append(row)
 
-    header = ("| T | titans s | titans GB | titans us/token | GFLOP | % of matmul rate "
-              "| titans-pytorch s | titans-pytorch GB | speed-up | memory ratio |")
+    header = (
+        "| T | titans s | titans GB | titans us/token | GFLOP | % of matmul rate "
+        "| titans-pytorch s | titans-pytorch GB | speed-up | memory ratio |"
+    )
     summary.append(header)
     summary.append("|---" * (header.count("|") - 1) + "|")
     for row in rows:
         ours, peer = row.get("titans", {}), row.get("titans-pytorch", {})
         cell = lambda d, k, f: f.format(d[k]) if k in d else d.get("error", "-")  # noqa: E731
-        speed = f"{peer['seconds'] / ours['seconds']:.1f}x" if "seconds" in ours and "seconds" in peer else "-"
-        mem = (f"{peer['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x"
-               if "peak_rss_gb" in ours and "peak_rss_gb" in peer else "-")
-        summary.append(f"| {row['T']} | {cell(ours, 'seconds', '{:.3f}')} | {cell(ours, 'peak_rss_gb', '{:.2f}')} "
-                       f"| {cell(ours, 'per_token_us', '{:.1f}')} | {cell(ours, 'gflop', '{:.0f}')} "
-                       f"| {cell(ours, 'matmul_fraction', '{:.0%}')} | {cell(peer, 'seconds', '{:.3f}')} "
-                       f"| {cell(peer, 'peak_rss_gb', '{:.2f}')} | {speed} | {mem} |")
+        speed = (
+            f"{peer['seconds'] / ours['seconds']:.1f}x" if "seconds" in ours and "seconds" in peer else "-"
+        )
+        mem = (
+            f"{peer['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x"
+            if "peak_rss_gb" in ours and "peak_rss_gb" in peer
+            else "-"
+        )
+        summary.append(
+            f"| {row['T']} | {cell(ours, 'seconds', '{:.3f}')} | {cell(ours, 'peak_rss_gb', '{:.2f}')} "
+            f"| {cell(ours, 'per_token_us', '{:.1f}')} | {cell(ours, 'gflop', '{:.0f}')} "
+            f"| {cell(ours, 'matmul_fraction', '{:.0%}')} | {cell(peer, 'seconds', '{:.3f}')} "
+            f"| {cell(peer, 'peak_rss_gb', '{:.2f}')} | {speed} | {mem} |"
+        )
     first, last = rows[0].get("titans", {}), rows[-1].get("titans", {})
     if "per_token_us" in first and "per_token_us" in last:
-        summary.append(f"\nper-token time T={rows[-1]['T']} / T={rows[0]['T']}: "
-                       f"{last['per_token_us'] / first['per_token_us']:.2f}x")
-    summary.append(f"fp32 matmul rate: {rate:.1f} GFLOP/s; median of {args.repeats} processes per cell; "
-                   f"batch {BATCH}, dim {DIM}, {HEADS} heads, depth {DEPTH}, expansion {EXPANSION}, chunk {CHUNK}")
+        summary.append(
+            f"\nper-token time T={rows[-1]['T']} / T={rows[0]['T']}: "
+            f"{last['per_token_us'] / first['per_token_us']:.2f}x"
+        )
+    summary.append(
+        f"fp32 matmul rate: {rate:.1f} GFLOP/s; median of {args.repeats} processes per cell; "
+        f"batch {BATCH}, dim {DIM}, {HEADS} heads, depth {DEPTH}, expansion {EXPANSION}, chunk {CHUNK}"
+    )
     text = "\n".join(summary)
     print("\n" + text)
     out = Path(args.out)

@@ -176,7 +176,7 @@ def _plot(r: dict, path: Path) -> None:
                  f"shown {passes}× (linear memory, D={r['settings']['dim']}, θ={THETA}, η={ETA})")
 
     ax = axes[0]
-    per_pair = list(zip(*r["recall_per_pair"]))
+    per_pair = list(zip(*r["recall_per_pair"], strict=True))
     for i, curve in enumerate(per_pair):
         ax.plot([0, *x], [r["recall_before_per_pair"][i], *curve],
                 color="0.75", lw=0.8, label="each pair" if i == 0 else None)
@@ -191,6 +191,7 @@ def _plot(r: dict, path: Path) -> None:
     ax = axes[1]
     colors = ["C3" if t < P else "C2" for t in range(T)]
     ax.bar(x, r["surprise"], color=colors, width=0.9)
+    ax.set_ylim(0, 1.12 * max(r["surprise"]))  # room for the pass labels
     ax.bar([0], [0], color="C3", label="novel pair (pass 1)")
     ax.bar([0], [0], color="C2", label="repeat (passes 2+)")
     ax.set_xlabel("token")
@@ -213,8 +214,11 @@ def _plot(r: dict, path: Path) -> None:
     ax.legend(fontsize=8)
 
     for ax in axes[:2]:
-        for p in range(1, passes):
-            ax.axvline(P * p + 0.5, color="k", lw=0.6, ls=":")
+        for p in range(passes):
+            if p:
+                ax.axvline(P * p + 0.5, color="k", lw=0.6, ls=":")
+            ax.text(P * (p + 0.5) + 0.5, 0.99, f"pass {p + 1}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=8, color="0.3")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -234,7 +238,7 @@ def format_table(r: dict) -> str:
         f"  {'':<24}{'recall error, all pairs':>25}{'mean surprise':>16}",
         f"  {'before writing':<24}{r['recall_before']:>25.4f}{'-':>16}",
     ]
-    for p, (rec, sur) in enumerate(zip(r["recall_after_pass"], r["surprise_mean_pass"])):
+    for p, (rec, sur) in enumerate(zip(r["recall_after_pass"], r["surprise_mean_pass"], strict=True)):
         label = f"after pass {p + 1} " + ("(novel)" if p == 0 else "(repeat)")
         lines.append(f"  {label:<24}{rec:>25.4f}{sur:>16.3f}")
     lines += [
@@ -243,5 +247,13 @@ def format_table(r: dict) -> str:
         f"  {'alpha':<10}{f'earliest {g} pairs':>18}{f'latest {g} pairs':>18}{'all pairs':>12}",
     ]
     for row in r["alpha_sweep"]:
-        lines.append(f"  {row['alpha']:<10g}{row['earliest']:>18.4f}{row['latest']:>18.4f}{row['all']:>12.4f}")
+        lines.append(f"  {row['alpha']:<10g}{row['earliest']:>18.4f}{row['latest']:>18.4f}"
+                     f"{row['all']:>12.4f}")
+    c = r["checks"]
+    lines += [
+        "",
+        f"Checks: surprise vs the gradient the memory applied (from its momentum S_t): max rel. diff "
+        f"{c['surprise_vs_applied_gradient_max_rel_err']:.1e}; token-by-token vs one call: max diff "
+        f"{c['token_by_token_vs_one_call_max_abs_diff']:.1e}.",
+    ]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from titans.memory import MemoryState, memory_chunked, memory_recurrent
+from titans.memory import MemoryState, NeuralMemory, memory_chunked, memory_recurrent
 
 FUNCS = {"recurrent": memory_recurrent, "chunked": memory_chunked}
 
@@ -57,19 +57,30 @@ class MemInputs:
 
 
 def make_inputs(B: int = 2, H: int = 2, T: int = 22, D: int = 5, L: int = 2, *, per_layer: bool = False,
-                expansion: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64) -> MemInputs:
+                expansion: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64,
+                theta_max: float | None = None) -> MemInputs:
     """Random, well-conditioned inputs: q, k L2-normalised (as the layer makes them), gates in
-    moderate ranges, W_0 scaled by 1/sqrt(fan-in), LayerNorm affine near identity."""
+    moderate ranges, W_0 scaled by 1/sqrt(fan-in), LayerNorm affine near identity.
+
+    Conditioning matters for the 1e-9 float64 comparisons: the inner loop of a deep memory amplifies
+    rounding (perturbing q, k by 1e-15 moves a 3-layer recurrent run by up to ~1e-9 with theta ~ 0.1:
+    LayerNorm of a hidden output with a small spread). So a 3-layer memory gets a smaller inner
+    learning rate, larger W_0 and smaller targets by default."""
+    deep = L >= 3
+    if theta_max is None:
+        theta_max = 0.045 if deep else 0.15
+    w_scale, v_scale = (1.5, 0.5) if deep else (1.0, 1.0)
     g = torch.Generator().manual_seed(seed)
     randn = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     rand = lambda lo, hi, *s: lo + (hi - lo) * torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
     q = F.normalize(randn(B, H, T, D), dim=-1)
     k = F.normalize(randn(B, H, T, D), dim=-1)
-    v = randn(B, H, T, D)
+    v = v_scale * randn(B, H, T, D)
     gshape = (B, H, T, L) if per_layer else (B, H, T)
-    alpha, eta, theta = rand(0.0, 0.3, *gshape), rand(0.0, 0.95, *gshape), rand(0.01, 0.15, *gshape)
+    alpha, eta = rand(0.0, 0.3, *gshape), rand(0.0, 0.95, *gshape)
+    theta = rand(theta_max / 15, theta_max, *gshape)
     dims = [D] + [D * expansion] * (L - 1) + [D]
-    weights = tuple(randn(H, dims[i], dims[i + 1]) / dims[i] ** 0.5 for i in range(L))
+    weights = tuple(w_scale * randn(H, dims[i], dims[i + 1]) / dims[i] ** 0.5 for i in range(L))
     ln = None if L == 1 else (1.0 + 0.2 * randn(H, D), 0.1 * randn(H, D))
     return MemInputs(q, k, v, alpha, eta, theta, weights, ln)
 
@@ -132,4 +143,28 @@ def random_functional(y: Tensor, state: MemoryState, seed: int) -> Tensor:
 def grads(loss: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     """d loss / d tensors; a tensor the loss does not depend on gets zeros."""
     gs = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if gd is None else gd for gd, t in zip(gs, tensors)]
+    return [torch.zeros_like(t) if gd is None else gd for gd, t in zip(gs, tensors, strict=True)]
+
+
+# ----------------------------------------------------------------------------- the layer
+
+LAYER_OPTIONS = {
+    "default": {},
+    "depth1": {"depth": 1},
+    "per_layer_gates_depth3": {"depth": 3, "per_layer_gates": True},
+    "chunk_gates": {"chunk_gates": True},
+    "chunk_gates_depth1": {"chunk_gates": True, "depth": 1},
+    "no_momentum": {"momentum": False},
+    "no_forgetting": {"forgetting": False},
+    "no_conv": {"conv": False},
+    "all_off": {"momentum": False, "forgetting": False, "conv": False},
+    "grad_clip": {"grad_clip": 0.05},
+}
+
+
+def make_layer(seed: int = 0, dim: int = 8, heads: int = 2, chunk_size: int = 4, dtype=torch.float64,
+               **opts) -> NeuralMemory:
+    """A small NeuralMemory (expansion 2 unless given), seeded, in `dtype`."""
+    torch.manual_seed(seed)
+    opts.setdefault("expansion", 2)
+    return NeuralMemory(dim, heads, chunk_size=chunk_size, **opts).to(dtype)

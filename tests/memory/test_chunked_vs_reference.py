@@ -46,10 +46,10 @@ def _compare(inp: MemInputs, chunk: int, prefix: int, seed: int, grad_clip=None,
     wrt = [("input " + n, t) for n, t in inp.tensors()]
     if state is not None:
         wrt += [("initial state." + n, t) for n, t in state_tensors(state)]
-    names, tensors = zip(*wrt)
+    names, tensors = zip(*wrt, strict=True)
     g_ref = grads(random_functional(y_ref, st_ref, seed), list(tensors))
     g = grads(random_functional(y, st, seed), list(tensors))
-    for name, a, b in zip(names, g, g_ref):
+    for name, a, b in zip(names, g, g_ref, strict=True):
         assert_rel_close(a, b, TOL, f"d/d {name}")
     return y_ref
 
@@ -112,6 +112,6 @@ def test_exact_zero_gates_stay_finite(L, chunk, per_layer, alpha_mode):
         assert torch.isfinite(y).all(), fn
         assert all(torch.isfinite(t).all() for _, t in state_tensors(st)), fn
         gs = grads(random_functional(y, st, seed), [t for _, t in leaves.tensors()])
-        for (name, _), gd in zip(leaves.tensors(), gs):
+        for (name, _), gd in zip(leaves.tensors(), gs, strict=True):
             assert torch.isfinite(gd).all(), f"{fn}: d/d {name} not finite"
     _compare(inp, chunk, 0, seed)

@@ -10,4 +10,6 @@ from .functional import MemoryState, memory_apply
 from .layer import NeuralMemory, NeuralMemoryState
 from .naive import memory_recurrent
 
-__all__ = ["MemoryState", "NeuralMemory", "NeuralMemoryState", "memory_apply", "memory_chunked", "memory_recurrent"]
+__all__ = [
+    "MemoryState", "NeuralMemory", "NeuralMemoryState", "memory_apply", "memory_chunked", "memory_recurrent",
+]

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .functional import (
     MemoryState,
-    Spec,
     Weights,
     check_inputs,
     gelu_grad,
@@ -196,13 +195,14 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
     WS_end, xcs = [], []
     for i in range(L):
         j = i if Lg > 1 else 0
-        W, S = WS[i].chunk(2, dim=2)
-        a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
-        # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta
-        base = torch.cat([torch.addcmul(W * a_end, S, m_end), S * e_j], dim=2)
         xc = torch.cat([C[:, :, j, -1, :, None] * xs[i], cS[:, :, j, :, None] * xs[i]], dim=-1)
-        WS_end.append(_bmm_sub(base, xc.transpose(-1, -2), dts[i]))
         xcs.append(xc)
+        if not keep:  # the backward pass needs xc, not the end state
+            # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta
+            W, S = WS[i].chunk(2, dim=2)
+            a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
+            base = torch.cat([torch.addcmul(W * a_end, S, m_end), S * e_j], dim=2)
+            WS_end.append(_bmm_sub(base, xc.transpose(-1, -2), dts[i]))
     if keep:
         c.xs, c.zs, c.deltas, c.dts, c.ts, c.gps, c.xcs = xs, zs, deltas, dts, ts, gps, xcs
     return y, tuple(WS_end), c if keep else None
@@ -357,6 +357,7 @@ class _MemoryChunks(torch.autograd.Function):
         return (y, *WS, *G_last)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dy, *d_out):
         L, clip, read = ctx.L, ctx.clip, ctx.read
         q, k, v, a, m, C, cS, e, gamma, beta = ctx.saved_tensors

@@ -174,11 +174,6 @@ def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
 
 # ----------------------------------------------------------------------------- shared set-up
 
-def compute_dtype(spec: Spec) -> torch.dtype:
-    """The recurrence runs in float64 if any input is float64, else float32 (never lower)."""
-    return spec.dtype
-
-
 def no_autocast(device_type: str):
     """Turn autocast off: the memory recurrence always runs in float32 or float64."""
     if torch.is_autocast_enabled(device_type):

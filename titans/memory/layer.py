@@ -140,7 +140,8 @@ class NeuralMemory(nn.Module):
             new_cache = h[:, h.shape[1] - (self.kernel - 1):]
             # contiguous on both sides: strided inputs or output-gradients send the depthwise
             # convolution's backward down a path that is ~20x slower on CPU
-            h = F.conv1d(h.transpose(1, 2).contiguous(), self.conv.to(h.dtype).unsqueeze(1), groups=h.shape[2])
+            w = self.conv.to(h.dtype).unsqueeze(1)
+            h = F.conv1d(h.transpose(1, 2).contiguous(), w, groups=h.shape[2])
             h = h.transpose(1, 2).contiguous()
         h = F.silu(h)
         q, k, v = rearrange(h, "b t (s h d) -> s b h t d", s=3, h=self.heads)

@@ -46,9 +46,9 @@ def memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor
             if (pos + t) % chunk_size == 0:
                 G = W
             grads = _inner_grad(G, k[:, :, t], v[:, :, t], ln, grad_clip)
-            gate = lambda g, i: g[:, :, t, i, None, None]  # noqa: E731
-            S = tuple(gate(eta, i) * s - gate(theta, i) * g for i, (s, g) in enumerate(zip(S, grads)))
-            W = tuple((1 - gate(alpha, i)) * w + s for i, (w, s) in enumerate(zip(W, S)))
+            a_t, e_t, th_t = (g[:, :, t, :, None, None] for g in (alpha, eta, theta))  # (B, H, L, 1, 1)
+            S = tuple(e_t[:, :, i] * s - th_t[:, :, i] * g for i, (s, g) in enumerate(zip(S, grads)))
+            W = tuple((1 - a_t[:, :, i]) * w + s for i, (w, s) in enumerate(zip(W, S)))
             ys.append(memory_apply(q[:, :, t, None], W, ln)[:, :, 0])
         y = torch.stack(ys, dim=2)
         G = W if (pos + spec.T) % chunk_size == 0 else G
@@ -57,10 +57,11 @@ def memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor
 
 def _inner_grad(G: Weights, k_t: Tensor, v_t: Tensor, ln, grad_clip: float | None) -> Weights:
     """grad_W 0.5 ||M_W(k_t) - v_t||^2 at W = G, per batch element and head, kept in the graph."""
+    outer = torch.is_grad_enabled()  # keep the inner gradient in the outer graph only if there is one
     with torch.enable_grad():
-        G = tuple(g if g.requires_grad else g.detach().requires_grad_() for g in G)
+        G = tuple(g if outer and g.requires_grad else g.detach().requires_grad_() for g in G)
         loss = 0.5 * (memory_apply(k_t[:, :, None], G, ln)[:, :, 0] - v_t).pow(2).sum()
-        grads = torch.autograd.grad(loss, G, create_graph=True)
+        grads = torch.autograd.grad(loss, G, create_graph=outer)
     if grad_clip is not None:
         norm = torch.sqrt(sum(g.pow(2).sum((-2, -1)) for g in grads))
         scale = grad_clip / torch.maximum(norm, torch.full_like(norm, grad_clip))

@@ -1,0 +1,289 @@
+"""The NeuralMemory layer (SPEC.md §2): causality, retrieve/update, training step, gate ranges, input
+checks, bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from memory_testlib import LAYER_OPTIONS, assert_rel_close, make_layer
+
+import titans.memory.layer as layer_mod
+from titans.memory import NeuralMemory, NeuralMemoryState
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(state: NeuralMemoryState) -> dict:
+    mem = state.memory
+    out = {f"{f}[{i}]": t.detach().clone() for f in ("weights", "momentum", "chunk_start")
+           for i, t in enumerate(getattr(mem, f))}
+    out.update(conv=None if state.conv is None else state.conv.detach().clone(),
+               gate=None if state.gate is None else state.gate.detach().clone(),
+               position=mem.position, chunk_size=mem.chunk_size)
+    return out
+
+
+def assert_snapshots_equal(a: dict, b: dict, tol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor), key
+            assert x.shape == y.shape, key
+            err = (x - y).abs().max().item() if x.numel() else 0.0
+            assert err <= tol * max(1.0, y.abs().max().item()), f"{key}: max difference {err:.3e}"
+        else:
+            assert x == y, f"{key}: {x} != {y}"
+
+
+# ----------------------------------------------------------------------------- causality
+
+CAUSAL_OPTIONS = ["default", "depth1", "per_layer_gates_depth3", "chunk_gates", "no_conv", "grad_clip"]
+
+
+@pytest.mark.parametrize("option", CAUSAL_OPTIONS)
+def test_layer_is_causal(option):
+    """Changing x after position t changes no output at positions <= t, and changes every later one."""
+    T, chunk = 15, 4
+    mod = make_layer(seed=7, chunk_size=chunk, **LAYER_OPTIONS[option])
+    x = randn(2, T, 8, seed=1)
+    with torch.no_grad():
+        out = mod(x)[0]
+        for t in (0, 2, 3, 9, 13):  # inside a chunk, at a chunk's end, near the sequence end
+            x2 = x.clone()
+            x2[:, t + 1:] = randn(2, T - t - 1, 8, seed=100 + t)
+            out2 = mod(x2)[0]
+            before = (out2[:, :t + 1] - out[:, :t + 1]).abs().max().item()
+            assert before <= 1e-13, f"t={t}: output at <= t moved by {before:.3e}"
+            after = (out2[:, t + 1:] - out[:, t + 1:]).abs().amax(dim=(0, 2))
+            assert (after > 1e-6).all(), f"t={t}: a later output did not change: {after.tolist()}"
+
+
+@pytest.mark.parametrize("option", ["default", "chunk_gates", "per_layer_gates_depth3"])
+def test_layer_gradient_is_causal(option):
+    """d out_t / d x_s = 0 for s > t, through the hand-written backward as well."""
+    T, t = 13, 5
+    mod = make_layer(seed=8, chunk_size=4, **LAYER_OPTIONS[option])
+    x = randn(2, T, 8, seed=2).requires_grad_()
+    out = mod(x)[0]
+    (g,) = torch.autograd.grad(out[:, : t + 1].sum(), x)
+    assert g[:, t + 1:].abs().max().item() <= 1e-13 * g.abs().max().item()
+    assert (g[:, : t + 1].abs().amax(dim=(0, 2)) > 0).all()
+
+
+# ----------------------------------------------------------------------------- retrieve / update
+
+def read_by_hand(mod: NeuralMemory, x, weights, conv_cache=None):
+    """out = W_o(RMSNorm(M_W(q)) * SiLU(x W_g)) with q from x (linear, causal depthwise conv, SiLU,
+    L2 norm), written out from the layer's parameters."""
+    B, T, dim = x.shape
+    H, D = mod.heads, mod.head_dim
+    h = x @ mod.qkv.weight.T
+    if mod.conv is not None:
+        K = mod.conv.shape[1]
+        past = torch.zeros(B, K - 1, 3 * dim, dtype=x.dtype) if conv_cache is None else conv_cache
+        hp = torch.cat([past, h], dim=1)
+        h = sum(mod.conv[:, j] * hp[:, j:j + T] for j in range(K))
+    h = F.silu(h)
+    q = h[..., :dim].reshape(B, T, H, D).transpose(1, 2)
+    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if len(weights) == 1:
+        y = q @ weights[0]
+    else:
+        z = q
+        for i, w in enumerate(weights):
+            z = z @ w
+            if i < len(weights) - 1:
+                z = F.gelu(z)
+        z = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        y = q + mod.ln_gamma[:, None] * z + mod.ln_beta[:, None]
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * mod.out_norm.weight
+    y = y.transpose(1, 2).reshape(B, T, dim)
+    return mod.out_proj(y * F.silu(mod.gate_proj(x)))
+
+
+@pytest.mark.parametrize("option", ["default", "depth1", "no_conv", "chunk_gates"])
+def test_retrieve_reads_state_weights_and_changes_nothing(option):
+    mod = make_layer(seed=9, chunk_size=4, **LAYER_OPTIONS[option])
+    x, x2 = randn(2, 7, 8, seed=3), randn(2, 5, 8, seed=4)
+    with torch.no_grad():
+        _, state = mod(x)
+        before = snapshot(state)
+        r = mod.retrieve(x2, state)
+        r_again = mod.retrieve(x2, state)
+        r_cache = mod.retrieve(x2, state, conv_cache=state.conv)
+        r_none = mod.retrieve(x2)
+        assert_snapshots_equal(snapshot(state), before)  # nothing written
+        assert torch.equal(r, r_again)
+        assert_rel_close(r, read_by_hand(mod, x2, state.memory.weights), 1e-12, "retrieve(x, state)")
+        assert_rel_close(r_none, read_by_hand(mod, x2, tuple(mod.weights)), 1e-12, "retrieve(x)")
+        assert_rel_close(r_cache, read_by_hand(mod, x2, state.memory.weights, state.conv), 1e-12,
+                         "retrieve(x, state, conv_cache)")
+        # the read does depend on the memory: a written state reads differently from W_0
+        assert (r - r_none).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("option", sorted(LAYER_OPTIONS))
+def test_update_gives_the_state_of_forward(option):
+    mod = make_layer(seed=10, chunk_size=4, **LAYER_OPTIONS[option])
+    x1, x2 = randn(2, 6, 8, seed=5), randn(2, 9, 8, seed=6)
+    with torch.no_grad():
+        for prev in (None, mod(x1)[1]):
+            _, st_fwd = mod(x2, prev)
+            st_upd = mod.update(x2, prev)
+            assert st_upd.memory.position == (0 if prev is None else 6) + 9
+            assert_snapshots_equal(snapshot(st_upd), snapshot(st_fwd), tol=1e-13)
+
+
+def test_update_is_differentiable():
+    mod = make_layer(seed=11)
+    st = mod.update(randn(2, 9, 8, seed=7))
+    st.memory.weights[0].sum().backward()
+    assert mod.qkv.weight.grad is not None and mod.qkv.weight.grad.abs().sum() > 0
+    assert mod.weights[0].grad is not None
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 4])
+def test_adamw_step(heads):
+    torch.manual_seed(heads)
+    mod = NeuralMemory(12, heads, chunk_size=4, expansion=2)
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+    x = torch.randn(2, 10, 12)
+    before = {n: p.detach().clone() for n, p in mod.named_parameters()}
+    out, state = mod(x)
+    assert out.shape == x.shape
+    loss = out.pow(2).mean() + state.memory.weights[-1].pow(2).mean()
+    loss.backward()
+    for name, p in mod.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: zero gradient"
+    opt.step()
+    for name, p in mod.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert not torch.equal(p, before[name]), f"{name} did not move"
+    out2, _ = mod(x)
+    assert torch.isfinite(out2).all()
+
+
+@pytest.fixture
+def captured_gates(monkeypatch):
+    """The (alpha, eta, theta) the layer hands to the memory recurrence, per call."""
+    calls = []
+    real = layer_mod.run_memory
+
+    def spy(q, k, v, alpha, eta, theta, weights, **kw):
+        calls.append((alpha.detach(), eta.detach(), theta.detach()))
+        return real(q, k, v, alpha, eta, theta, weights, **kw)
+
+    monkeypatch.setattr(layer_mod, "run_memory", spy)
+    return calls
+
+
+@pytest.mark.parametrize("option", ["default", "per_layer_gates_depth3", "chunk_gates"])
+def test_gates_stay_in_range(captured_gates, option):
+    theta_max = 0.3
+    mod = make_layer(seed=12, theta_max=theta_max, **LAYER_OPTIONS[option])
+    with torch.no_grad():
+        for scale in (1.0, 30.0):
+            mod(scale * randn(2, 9, 8, seed=8))
+    L = mod.depth if mod.per_layer_gates else None
+    for alpha, eta, theta in captured_gates:
+        assert theta.shape == ((2, 2, 9, L) if L else (2, 2, 9))
+        assert ((theta > 0) & (theta < theta_max)).all()
+        assert ((alpha > 0) & (alpha < 1)).all() and ((eta > 0) & (eta < 1)).all()
+    # saturated logits: never outside the closed range
+    captured_gates.clear()
+    with torch.no_grad():
+        for bias in (-1e4, 1e4):
+            mod.gates.bias.fill_(bias)
+            mod(randn(2, 9, 8, seed=9))
+    for alpha, eta, theta in captured_gates:
+        assert ((theta >= 0) & (theta <= theta_max)).all()
+        assert ((alpha >= 0) & (alpha <= 1)).all() and ((eta >= 0) & (eta <= 1)).all()
+
+
+def test_ablations_switch_gates_off(captured_gates):
+    """momentum=False: eta = 0; forgetting=False: alpha = 0."""
+    mod = make_layer(seed=13, momentum=False, forgetting=False)
+    with torch.no_grad():
+        mod(randn(2, 6, 8, seed=10))
+    (alpha, eta, theta), = captured_gates
+    assert (alpha == 0).all() and (eta == 0).all() and (theta > 0).all()
+
+
+# ----------------------------------------------------------------------------- input checks
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((12, 5), {}, "heads"),
+    ((12, 0), {}, "heads"),
+    ((12, 2), {"depth": 0}, "depth"),
+    ((12, 2), {"chunk_size": 0}, "chunk_size"),
+    ((12, 2), {"expansion": 0}, "expansion"),
+    ((12, 2), {"theta_max": 0.0}, "theta_max"),
+    ((12, 2), {"grad_clip": -1.0}, "grad_clip"),
+])
+def test_bad_constructor_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_raises(bad):
+    mod = make_layer(seed=14)
+    x = randn(2, 6, 8, seed=11)
+    x[1, 3, 2] = bad
+    with pytest.raises(FloatingPointError):
+        mod(x)
+    with pytest.raises(FloatingPointError):
+        mod.update(x)
+
+
+def test_state_from_another_batch_size_raises():
+    mod = make_layer(seed=15)
+    _, state = mod(randn(3, 5, 8, seed=12))
+    with pytest.raises(ValueError, match="batch"):
+        mod(randn(2, 5, 8, seed=13), state)
+    with pytest.raises(ValueError, match="batch"):
+        mod.update(randn(2, 5, 8, seed=13), state)
+
+
+@pytest.mark.parametrize("x", [torch.zeros(2, 5, 7), torch.zeros(5, 8), torch.zeros(2, 0, 8),
+                               torch.zeros(2, 5, 8, dtype=torch.long)])
+def test_bad_input_shape_or_dtype_raises(x):
+    mod = make_layer(seed=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="x must"):
+        mod(x)
+
+
+# ----------------------------------------------------------------------------- autocast
+
+def test_bf16_autocast_keeps_memory_in_float32(monkeypatch):
+    seen = []
+    real = layer_mod.run_memory
+
+    def spy(*args, **kw):
+        y, state = real(*args, **kw)
+        seen.append((y.dtype, {t.dtype for f in ("weights", "momentum", "chunk_start")
+                               for t in getattr(state, f)}))
+        return y, state
+
+    monkeypatch.setattr(layer_mod, "run_memory", spy)
+    mod = make_layer(seed=17, dim=16, heads=2, dtype=torch.float32)
+    x = randn(2, 21, 16, seed=14, dtype=torch.float32)
+    ref, _ = mod(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = mod(x)
+        loss = out.float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in mod.parameters())
+    assert seen[-1] == (torch.float32, {torch.float32})
+    assert all(t.dtype == torch.float32 for t in state.memory.weights + state.memory.momentum)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 5e-2, f"bf16 autocast output differs from float32 by {err:.3e}"
