@@ -198,11 +198,16 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
         xc = torch.cat([C[:, :, j, -1, :, None] * xs[i], cS[:, :, j, :, None] * xs[i]], dim=-1)
         xcs.append(xc)
         if not keep:  # the backward pass needs xc, not the end state
-            # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta
+            # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta, in place in one new buffer: the
+            # state is the largest tensor here, so every pass over it counts
             W, S = WS[i].chunk(2, dim=2)
             a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
-            base = torch.cat([torch.addcmul(W * a_end, S, m_end), S * e_j], dim=2)
-            WS_end.append(_bmm_sub(base, xc.transpose(-1, -2), dts[i]))
+            out = torch.empty_like(WS[i])
+            W_new, S_new = out.chunk(2, dim=2)
+            torch.mul(W, a_end, out=W_new).addcmul_(S, m_end)
+            torch.mul(S, e_j, out=S_new)
+            out.flatten(0, 1).baddbmm_(xc.transpose(-1, -2).flatten(0, 1), dts[i].flatten(0, 1), alpha=-1)
+            WS_end.append(out)
     if keep:
         c.xs, c.zs, c.deltas, c.dts, c.ts, c.gps, c.xcs = xs, zs, deltas, dts, ts, gps, xcs
     return y, tuple(WS_end), c if keep else None
@@ -232,10 +237,14 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
         W, S = WS[i].chunk(2, dim=2)
         dWe, dSe = dWS_end[i].chunk(2, dim=2)
         a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
-        dWS.append(torch.cat([dWe * a_end, torch.addcmul(dSe * e_j, dWe, m_end)], dim=2))
-        da[:, :, j, -1] += (dWe * W).sum((-2, -1))
-        dm[:, :, j, -1] += (dWe * S).sum((-2, -1))
-        de[:, :, j] += (dSe * S).sum((-2, -1))
+        d_state = torch.empty_like(WS[i])
+        dW_new, dS_new = d_state.chunk(2, dim=2)
+        torch.mul(dWe, a_end, out=dW_new)
+        torch.mul(dSe, e_j, out=dS_new).addcmul_(dWe, m_end)
+        dWS.append(d_state)
+        da[:, :, j, -1] += _dot(dWe, W)
+        dm[:, :, j, -1] += _dot(dWe, S)
+        de[:, :, j] += _dot(dSe, S)
         dxc = -(dts[i] @ dWS_end[i].transpose(-1, -2))
         dxc_w, dxc_s = dxc.chunk(2, dim=-1)
         dxs[i] += C[:, :, j, -1, :, None] * dxc_w + cS[:, :, j, :, None] * dxc_s
@@ -256,8 +265,7 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
             j = i if Lg > 1 else 0
             u = c.us[i]
             dau = dp @ WS[i].transpose(-1, -2)
-            dWS[i] = torch.baddbmm(dWS[i].flatten(0, 1), c.aus[i].transpose(-1, -2).flatten(0, 1),
-                                   dp.flatten(0, 1)).view_as(dWS[i])
+            dWS[i].flatten(0, 1).baddbmm_(c.aus[i].transpose(-1, -2).flatten(0, 1), dp.flatten(0, 1))
             dau_a, dau_m = dau.chunk(2, dim=-1)
             du = a[:, :, j, :, None] * dau_a + m[:, :, j, :, None] * dau_m
             da[:, :, j] += rowsum(dau_a, u)
@@ -320,6 +328,11 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
     return dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta
 
 
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """sum over the last two dims of x * y, (B, H, R, C) -> (B, H). (A bmm-based dot is 10x slower.)"""
+    return (x * y).sum((-2, -1))
+
+
 def _layer_norm_backward(n: Tensor, r: Tensor, dn: Tensor) -> Tensor:
     """Gradient at z of n = LN(z) (no affine), given dn; r = 1/std."""
     return r * (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True))
@@ -330,18 +343,30 @@ def _gelu_second(z: Tensor) -> Tensor:
     return torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi)) * (2.0 - z * z)
 
 
+# Chunk-start states kept for the backward pass: one every CHECKPOINT_EVERY chunks. The backward
+# recomputes the states in between (write only, no read), so memory for states falls by this
+# factor at the cost of re-running the cheaper half of the forward once.
+CHECKPOINT_EVERY = 4
+
+
 class _MemoryChunks(torch.autograd.Function):
-    """All chunks in one Function: the forward keeps only chunk-boundary states; the backward
-    walks the chunks in reverse, recomputing each from its boundary state."""
+    """All chunks in one Function. The forward keeps a chunk-start state every CHECKPOINT_EVERY
+    chunks (in one preallocated buffer per layer); the backward walks the chunks in reverse,
+    recomputing the states of a stretch from its checkpoint and each chunk's intermediates from
+    its state, then applying the hand-written chunk backward."""
 
     @staticmethod
     def forward(ctx, L, clip, read, q, k, v, a, m, C, cS, e, gamma, beta, *states):
         G, WS = states[:L], states[L:]
-        N = q.shape[0]
+        N, K = q.shape[0], CHECKPOINT_EVERY
+        keep = any(ctx.needs_input_grad)
         y = torch.empty_like(q) if read else q.new_empty(0)
-        boundary, G_last = [], G
+        saved = [ws.new_empty(math.ceil(N / K), *ws.shape) for ws in WS] if keep else None
+        G_last = G
         for n in range(N):
-            boundary.append(WS)
+            if keep and n % K == 0:
+                for buf, ws in zip(saved, WS):
+                    buf[n // K].copy_(ws)
             G_last = G
             y_n, WS, _ = _chunk_forward(G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
                                         gamma, beta, clip, read)
@@ -350,7 +375,7 @@ class _MemoryChunks(torch.autograd.Function):
             G = _w_part(WS)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
-        ctx.L, ctx.clip, ctx.read, ctx.boundary, ctx.G0 = L, clip, read, boundary, states[:L]
+        ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.G0 = L, clip, read, saved, states[:L]
         ctx.save_for_backward(q, k, v, a, m, C, cS, e, gamma, beta)
         if not read:
             ctx.mark_non_differentiable(y)
@@ -359,31 +384,40 @@ class _MemoryChunks(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dy, *d_out):
-        L, clip, read = ctx.L, ctx.clip, ctx.read
+        L, clip, read, K = ctx.L, ctx.clip, ctx.read, CHECKPOINT_EVERY
         q, k, v, a, m, C, cS, e, gamma, beta = ctx.saved_tensors
         N = q.shape[0]
         zero_if_none = lambda ds, ref: [torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref)]  # noqa: E731
-        dWS = zero_if_none(d_out[:L], ctx.boundary[-1])
+        dWS = zero_if_none(d_out[:L], [buf[0] for buf in ctx.checkpoints])
         dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
         d_chunk = [torch.zeros_like(t) for t in (q, k, v, a, m, C, cS, e)]
         d_gamma = d_beta = None
-        for n in range(N - 1, -1, -1):
-            WS = ctx.boundary[n]
-            G = ctx.G0 if n == 0 else _w_part(WS)
-            dG, dWS, *d_n, dg, db = _chunk_backward(
-                G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip, read,
-                dy[n] if read else None, dWS)
-            for acc, g in zip(d_chunk, d_n):
-                acc[n] = g
-            if dg is not None:
-                d_gamma = dg if d_gamma is None else d_gamma + dg
-                d_beta = db if d_beta is None else d_beta + db
-            if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
-                dG = [g + h for g, h in zip(dG, dG_last)]
-            if n > 0:  # this chunk's base is the previous chunk's end W
-                dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
-            else:
-                dG0 = dG
+        base = lambda n, WS: ctx.G0 if n == 0 else _w_part(WS)  # noqa: E731
+        for n0 in range(K * ((N - 1) // K), -1, -K):
+            # states at the start of chunks n0 .. n1-1, rebuilt from the checkpoint
+            n1 = min(n0 + K, N)
+            WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
+            starts = [WS]
+            for n in range(n0, n1 - 1):
+                _, WS, _ = _chunk_forward(base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n],
+                                          e[n], gamma, beta, clip, read=False)
+                starts.append(WS)
+            for n in range(n1 - 1, n0 - 1, -1):
+                WS = starts[n - n0]
+                dG, dWS, *d_n, dg, db = _chunk_backward(
+                    base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
+                    read, dy[n] if read else None, dWS)
+                for acc, g in zip(d_chunk, d_n):
+                    acc[n] = g
+                if dg is not None:
+                    d_gamma = dg if d_gamma is None else d_gamma + dg
+                    d_beta = db if d_beta is None else d_beta + db
+                if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
+                    dG = [g + h for g, h in zip(dG, dG_last)]
+                if n > 0:  # this chunk's base is the previous chunk's end W
+                    dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
+                else:
+                    dG0 = dG
         return (None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS)
 
 
@@ -393,6 +427,6 @@ def _w_part(WS: Weights) -> Weights:
 
 
 def _add_w_part(dWS: Tensor, dW: Tensor) -> Tensor:
-    out = dWS.clone()
-    out[:, :, : dW.shape[2]] += dW
-    return out
+    """dWS (a fresh buffer of the backward pass) += [dW; 0], in place."""
+    dWS[:, :, : dW.shape[2]] += dW
+    return dWS
