@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .chunked import run_memory
+from .conv import causal_conv_silu, conv_tail
 from .functional import MemoryState, memory_apply, no_autocast
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
@@ -136,14 +137,10 @@ class NeuralMemory(nn.Module):
         if self.conv is not None:
             if cache is None:
                 cache = h.new_zeros(h.shape[0], self.kernel - 1, h.shape[2])
-            h = torch.cat([cache.to(h.dtype), h], dim=1)
-            new_cache = h[:, h.shape[1] - (self.kernel - 1):]
-            # contiguous on both sides: strided inputs or output-gradients send the depthwise
-            # convolution's backward down a path that is ~20x slower on CPU
-            w = self.conv.to(h.dtype).unsqueeze(1)
-            h = F.conv1d(h.transpose(1, 2).contiguous(), w, groups=h.shape[2])
-            h = h.transpose(1, 2).contiguous()
-        h = F.silu(h)
+            new_cache = conv_tail(h, cache)
+            h = causal_conv_silu(h, cache, self.conv)
+        else:
+            h = F.silu(h)
         q, k, v = rearrange(h, "b t (s h d) -> s b h t d", s=3, h=self.heads)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
 
