@@ -210,13 +210,19 @@ class NeuralMemory(nn.Module):
         (B, T, dim); nothing is written. The convolution sees `conv_cache` (the projected inputs
         before x, (B, K-1, 3 dim)) or zeros."""
         self._check(x, state)
-        q = self._qkv(x, conv_cache)[0]
         W = tuple(self.weights) if state is None else state.memory.weights
+        return self.read(x, W, conv_cache)[0]
+
+    def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_cache: Tensor | None = None
+             ) -> tuple[Tensor, Tensor | None]:
+        """`retrieve` with explicit memory weights ((H, ., .) or (B, H, ., .) per layer); also
+        returns the conv cache after x, for a read stream that continues (MAC)."""
+        q, _, _, new_cache = self._qkv(x, conv_cache)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731
         with no_autocast(x.device.type):
-            y = memory_apply(q.to(dtype), cast(W), cast(self.ln))
-        return self._output(y, x)
+            y = memory_apply(q.to(dtype), cast(weights), cast(self.ln))
+        return self._output(y, x), new_cache
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "

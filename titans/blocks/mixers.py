@@ -1,0 +1,156 @@
+"""Token mixers of the Titans variants (SPEC.md §4). Each is an nn.Module with
+`forward(x, state) -> (out, state)` on x: (B, T, dim) and `init_state(batch_size)`.
+
+- LMM:  the neural memory is the whole mixer.
+- MAG:  sliding-window attention and the memory side by side, combined by a gate.
+- MAL:  the memory, then sliding-window attention on its output.
+- MAC:  per segment: read the memory (state before the segment), attend over
+        [persistent || memory tokens || segment], write the attention output into the memory and
+        read it back, gate.
+The attention baselines are `Attention` itself (titans/attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..attention import Attention
+from ..memory import NeuralMemory
+from ..memory.layer import NeuralMemoryState
+
+
+class Gate(nn.Module):
+    """o = RMSNorm_a(y) * sigmoid(RMSNorm_b(m)) (SPEC §4, MAG), with learnable norm weights."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm_y = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_m = nn.RMSNorm(dim, eps=1e-6)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+
+
+class LMM(nn.Module):
+    def __init__(self, memory: NeuralMemory):
+        super().__init__()
+        self.memory = memory
+
+    def init_state(self, batch_size: int):
+        return self.memory.init_state(batch_size)
+
+    def forward(self, x, state=None):
+        return self.memory(x, state)
+
+
+class MAG(nn.Module):
+    def __init__(self, attention: Attention, memory: NeuralMemory):
+        super().__init__()
+        self.attention, self.memory, self.gate = attention, memory, Gate(attention.dim)
+
+    def init_state(self, batch_size: int):
+        return (self.attention.init_state(batch_size), self.memory.init_state(batch_size))
+
+    def forward(self, x, state=None):
+        sa, sm = state if state is not None else (None, None)
+        y, sa = self.attention(x, sa)
+        m, sm = self.memory(x, sm)
+        return self.gate(y, m), (sa, sm)
+
+
+class MAL(nn.Module):
+    def __init__(self, attention: Attention, memory: NeuralMemory):
+        super().__init__()
+        self.attention, self.memory = attention, memory
+
+    def init_state(self, batch_size: int):
+        return (self.memory.init_state(batch_size), self.attention.init_state(batch_size))
+
+    def forward(self, x, state=None):
+        sm, sa = state if state is not None else (None, None)
+        m, sm = self.memory(x, sm)
+        y, sa = self.attention(m, sa)
+        return y, (sm, sa)
+
+
+@dataclass
+class MACState:
+    """memory: the live memory state (written with every attention output so far);
+    segment_weights: memory weights at the start of the open segment (what h reads);
+    k_h, v_h, k_s, v_s: keys/values of the open segment's memory tokens and tokens, (B, H, n, D);
+    read_conv: conv cache of the read stream (projected segment inputs); position: tokens seen."""
+
+    memory: NeuralMemoryState
+    segment_weights: tuple[Tensor, ...]
+    k_h: Tensor
+    v_h: Tensor
+    k_s: Tensor
+    v_s: Tensor
+    read_conv: Tensor | None
+    position: int
+
+
+class MAC(nn.Module):
+    """Memory as context (SPEC §4, Eq. 21-25), one memory token per segment token, causally aligned:
+    token i sees every persistent slot, the memory tokens h_j and the tokens S_j for j <= i of its
+    segment. Segments are aligned to stream positions 0, C, 2C, ..."""
+
+    def __init__(self, attention: Attention, memory: NeuralMemory, segment_len: int):
+        super().__init__()
+        if segment_len < 1:
+            raise ValueError(f"MAC: segment_len must be >= 1, got {segment_len}")
+        self.attention, self.memory, self.segment_len = attention, memory, segment_len
+        self.gate = Gate(attention.dim)
+
+    def init_state(self, batch_size: int) -> MACState:
+        mem = self.memory.init_state(batch_size)
+        empty = self.attention.init_state(batch_size).k
+        read_conv = None if mem.conv is None else torch.zeros_like(mem.conv)
+        return MACState(mem, mem.memory.weights, empty, empty, empty, empty, read_conv, 0)
+
+    def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+        state = self.init_state(x.shape[0]) if state is None else state
+        outs, t = [], 0
+        while t < x.shape[1]:  # split the piece at segment boundaries
+            room = self.segment_len - state.position % self.segment_len
+            o, state = self._segment_piece(x[:, t:t + room], state)
+            outs.append(o)
+            t += room
+        return torch.cat(outs, dim=1), state
+
+    def _segment_piece(self, x: Tensor, st: MACState) -> tuple[Tensor, MACState]:
+        """Tokens x (B, T, dim) that all lie in one segment."""
+        B, T, _ = x.shape
+        attn = self.attention
+        pos = torch.arange(st.position, st.position + T, device=x.device)
+        # 1. read: memory tokens from the state before the segment (no write)
+        h, read_conv = self.memory.read(x, st.segment_weights, st.read_conv)
+        # 2. attend over [P || h || S]
+        q, k_s, v_s = attn.project(x, pos)
+        _, k_h, v_h = attn.project(h, pos)
+        k_h, v_h = torch.cat([st.k_h, k_h], 2), torch.cat([st.v_h, v_h], 2)
+        k_s, v_s = torch.cat([st.k_s, k_s], 2), torch.cat([st.v_s, v_s], 2)
+        n = k_s.shape[2]  # segment tokens so far (earlier pieces + this one)
+        causal = torch.ones(T, n, dtype=torch.bool, device=x.device).tril(n - T)
+        keys, values, mask = [k_h, k_s], [v_h, v_s], [causal, causal]
+        pk, pv = attn.prefix
+        if pk is not None:
+            keys.insert(0, pk.expand(B, -1, -1, -1).to(q.dtype))
+            values.insert(0, pv.expand(B, -1, -1, -1).to(q.dtype))
+            mask.insert(0, causal.new_ones(T, pk.shape[2]))
+        y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2),
+                                           attn_mask=torch.cat(mask, 1))
+        y = attn.out(rearrange(y, "b h t d -> b t (h d)"))
+        # 3-4. write y into the memory and read it back, token by token (exact, SPEC §2)
+        m, mem = self.memory(y, st.memory)
+        out = self.gate(y, m)
+        position = st.position + T
+        if position % self.segment_len == 0:  # segment closed: the next one reads the state now
+            empty = k_h[:, :, :0]
+            return out, MACState(mem, mem.memory.weights, empty, empty, empty, empty, read_conv, position)
+        return out, MACState(mem, st.segment_weights, k_h, v_h, k_s, v_s, read_conv, position)

@@ -1,0 +1,296 @@
+"""Titans language models: config, Llama-style blocks, streaming state, generation (SPEC.md §4-5).
+
+    config = TitansConfig.from_preset("tiny", variant="mac")
+    model = TitansLM(config)
+    logits, state = model(tokens)              # tokens: (B, T) long
+    logits, state = model(more_tokens, state)  # continue the stream: same as one call
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention
+from .blocks.mixers import LMM, MAC, MAG, MAL
+from .memory import NeuralMemory
+
+VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa", "gated_deltanet", "ttt_mlp")
+
+# SPEC §5 (camera-ready Table 5) plus two CPU-sized presets. Paper presets use the Llama-2 32K
+# vocabulary; the small ones bytes.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, segment_len=64, window=64, chunk_size=16,
+                 n_persistent=4),
+    "small": dict(vocab_size=256, dim=384, n_layers=10, n_heads=6, segment_len=128, window=128,
+                  chunk_size=16, n_persistent=16),
+    "170m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=16),
+    "340m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=16),
+    "760m": dict(vocab_size=32000, dim=1536, n_layers=24, n_heads=16),
+    "1.3b": dict(vocab_size=32000, dim=2048, n_layers=18, n_heads=8),
+}
+
+
+@dataclass
+class TitansConfig:
+    """Everything that defines a model. Defaults follow SPEC §5 (chunk 16, segment 512, window
+    2048, 128 persistent tokens, conv kernel 4)."""
+
+    variant: str = "mac"
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    chunk_size: int = 16
+    segment_len: int = 512
+    window: int = 2048
+    n_persistent: int = 128
+    mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 dim rounded up to a multiple of 64
+    momentum: bool = True
+    forgetting: bool = True
+    conv: bool = True
+    per_layer_gates: bool = False
+    theta_max: float = 1.0
+    grad_clip: float | None = None
+    rope_base: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"TitansConfig: {msg}")
+
+        if self.variant not in VARIANTS:
+            close = difflib.get_close_matches(str(self.variant), VARIANTS, n=1)
+            bad(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}"
+                + (f" (did you mean {close[0]!r}?)" if close else ""))
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "memory_depth", "memory_expansion",
+                     "chunk_size", "segment_len", "window"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                bad(f"{name} must be a positive int, got {val!r}")
+        if self.n_persistent < 0:
+            bad(f"n_persistent must be >= 0, got {self.n_persistent}")
+        if self.dim % self.n_heads:
+            divisors = [h for h in range(1, self.n_heads * 2 + 1) if self.dim % h == 0]
+            bad(f"n_heads ({self.n_heads}) must divide dim ({self.dim}); e.g. n_heads in {divisors[-4:]}")
+        if (self.dim // self.n_heads) % 2:
+            bad(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even (RoPE)")
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 64 * math.ceil(8 * self.dim / 3 / 64)
+
+    # -------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TitansConfig:
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ValueError(f"TitansConfig: unknown field {key!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> TitansConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> TitansConfig:
+        if name not in PRESETS:
+            raise ValueError(f"TitansConfig: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------ blocks
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+def build_mixer(cfg: TitansConfig) -> nn.Module:
+    """The token mixer of one block for cfg.variant."""
+    v = cfg.variant
+
+    def memory(**kw):
+        opts = dict(depth=cfg.memory_depth, expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
+                    momentum=cfg.momentum, forgetting=cfg.forgetting, conv=cfg.conv,
+                    per_layer_gates=cfg.per_layer_gates, theta_max=cfg.theta_max, grad_clip=cfg.grad_clip)
+        return NeuralMemory(cfg.dim, cfg.n_heads, **{**opts, **kw})
+
+    def attention(window, n_persistent):
+        return Attention(cfg.dim, cfg.n_heads, window=window, n_persistent=n_persistent, rope_base=cfg.rope_base)
+
+    if v == "transformer":
+        return attention(None, 0)
+    if v == "swa":
+        return attention(cfg.window, 0)
+    if v == "lmm":
+        return LMM(memory())
+    if v == "ttt_mlp":  # TTT-MLP: deep memory, no momentum, no forgetting
+        return LMM(memory(momentum=False, forgetting=False))
+    if v == "mag":
+        return MAG(attention(cfg.window, cfg.n_persistent), memory())
+    if v == "mal":
+        return MAL(attention(cfg.window, cfg.n_persistent), memory())
+    if v == "mac":
+        return MAC(attention(None, cfg.n_persistent), memory(), cfg.segment_len)
+    if v == "gated_deltanet":
+        from .blocks.gated_deltanet import GatedDeltaNet
+
+        return GatedDeltaNet(cfg.dim, cfg.n_heads)
+    raise ValueError(f"unknown variant {v!r}")
+
+
+class Block(nn.Module):
+    """Llama-style: x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, cfg: TitansConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.mixer = build_mixer(cfg)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+
+    def forward(self, x: Tensor, state) -> tuple[Tensor, object]:
+        h, state = self.mixer(self.norm1(x), state)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), state
+
+
+@dataclass
+class LMState:
+    """Per-layer mixer states and the number of tokens seen."""
+
+    layers: list
+    position: int
+
+    def detach(self) -> LMState:
+        return LMState([_detach(s) for s in self.layers], self.position)
+
+
+def _detach(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _detach(getattr(obj, f.name)) for f in fields(obj)})
+    return obj
+
+
+class TitansLM(nn.Module):
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        if not isinstance(config, TitansConfig):
+            raise ValueError(f"TitansLM: config must be a TitansConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=1e-6)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for mod in self.modules():
+            if isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=std)
+            elif isinstance(mod, nn.Linear) and not _is_gate(mod):
+                nn.init.normal_(mod.weight, std=std)
+        for block in self.blocks:  # scale residual outputs down with depth (GPT-2)
+            for name, p in block.named_parameters():
+                if name.endswith(("out.weight", "out_proj.weight", "down.weight")):
+                    nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+
+    def init_state(self, batch_size: int) -> LMState:
+        return LMState([b.mixer.init_state(batch_size) for b in self.blocks], 0)
+
+    def forward(self, tokens: Tensor, state: LMState | None = None) -> tuple[Tensor, LMState]:
+        """tokens: (B, T) long -> logits (B, T, vocab), and the state after the last token."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"TitansLM: tokens must be a (B, T) integer tensor, got {got}")
+        if tokens.shape[1] < 1:
+            raise ValueError("TitansLM: tokens must hold at least one position (T >= 1)")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"TitansLM: token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        state = self.init_state(tokens.shape[0]) if state is None else state
+        x = self.embed(tokens)
+        new_layers = []
+        for block, s in zip(self.blocks, state.layers):
+            x, s = block(x, s)
+            new_layers.append(s)
+        return self.head(self.norm(x)), LMState(new_layers, state.position + tokens.shape[1])
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample max_new_tokens after prompt (B, T) one token per step on the streaming state.
+        temperature 0 is greedy. Returns (B, T + max_new_tokens)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"generate: top_p must lie in (0, 1], got {top_p}")
+        logits, state = self(prompt)
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            out.append(nxt)
+            logits, state = self(nxt, state)
+        return torch.cat(out, dim=1)
+
+
+def _is_gate(mod: nn.Linear) -> bool:
+    """Gate projections keep their own (conservative) initialisation."""
+    return mod.bias is not None
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k / nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
