@@ -25,16 +25,18 @@ from .memory import NeuralMemory
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa", "gated_deltanet", "ttt_mlp")
 
 # SPEC §5 (camera-ready Table 5) plus two CPU-sized presets. Paper presets use the Llama-2 32K
-# vocabulary; the small ones bytes.
+# vocabulary; the small ones bytes. `params` is the target size: the SwiGLU width is chosen per
+# variant so that every variant of a preset has about that many parameters (equal-size
+# comparisons, as in the paper), unless mlp_hidden is given.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, segment_len=64, window=64, chunk_size=16,
-                 n_persistent=4),
-    "small": dict(vocab_size=256, dim=384, n_layers=10, n_heads=6, segment_len=128, window=128,
+    "tiny": dict(params=2e6, vocab_size=256, dim=128, n_layers=4, n_heads=4, segment_len=64, window=64,
+                 chunk_size=16, n_persistent=4),
+    "small": dict(params=20e6, vocab_size=256, dim=384, n_layers=8, n_heads=6, segment_len=128, window=128,
                   chunk_size=16, n_persistent=16),
-    "170m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=16),
-    "340m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=16),
-    "760m": dict(vocab_size=32000, dim=1536, n_layers=24, n_heads=16),
-    "1.3b": dict(vocab_size=32000, dim=2048, n_layers=18, n_heads=8),
+    "170m": dict(params=170e6, vocab_size=32000, dim=768, n_layers=12, n_heads=16),
+    "340m": dict(params=340e6, vocab_size=32000, dim=1024, n_layers=24, n_heads=16),
+    "760m": dict(params=760e6, vocab_size=32000, dim=1536, n_layers=24, n_heads=16),
+    "1.3b": dict(params=1.3e9, vocab_size=32000, dim=2048, n_layers=18, n_heads=8),
 }
 
 
@@ -113,9 +115,19 @@ class TitansConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TitansConfig:
+        """A named configuration (tiny, small, 170m, 340m, 760m, 1.3b) with field overrides. Without
+        an explicit mlp_hidden, the SwiGLU width is sized so the model has the preset's parameter
+        count for the chosen variant."""
         if name not in PRESETS:
             raise ValueError(f"TitansConfig: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        fields_ = {k: v for k, v in PRESETS[name].items() if k != "params"}
+        cfg = cls.from_dict({**fields_, **overrides})
+        if "mlp_hidden" in overrides:
+            return cfg
+        # parameters are linear in the MLP width: two counts on the meta device give the slope
+        n1, n2 = (_count(dataclasses.replace(cfg, mlp_hidden=h)) for h in (64, 128))
+        hidden = 64 + (PRESETS[name]["params"] - n1) / ((n2 - n1) / 64)
+        return dataclasses.replace(cfg, mlp_hidden=max(64, 64 * round(hidden / 64)))
 
 
 # ------------------------------------------------------------------ blocks
@@ -142,7 +154,8 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
         return NeuralMemory(cfg.dim, cfg.n_heads, **{**opts, **kw})
 
     def attention(window, n_persistent):
-        return Attention(cfg.dim, cfg.n_heads, window=window, n_persistent=n_persistent, rope_base=cfg.rope_base)
+        return Attention(cfg.dim, cfg.n_heads, window=window, n_persistent=n_persistent,
+                         rope_base=cfg.rope_base)
 
     if v == "transformer":
         return attention(None, 0)
@@ -234,7 +247,8 @@ class TitansLM(nn.Module):
     def forward(self, tokens: Tensor, state: LMState | None = None) -> tuple[Tensor, LMState]:
         """tokens: (B, T) long -> logits (B, T, vocab), and the state after the last token."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
-            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            got = (f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor)
+                   else type(tokens).__name__)
             raise ValueError(f"TitansLM: tokens must be a (B, T) integer tensor, got {got}")
         if tokens.shape[1] < 1:
             raise ValueError("TitansLM: tokens must hold at least one position (T >= 1)")
@@ -294,3 +308,9 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _count(cfg: TitansConfig) -> int:
+    """Parameters of TitansLM(cfg), counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return count_parameters(TitansLM(cfg))

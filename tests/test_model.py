@@ -1,0 +1,154 @@
+"""TitansLM and its variants: causality, streaming, presets, config errors, generation."""
+
+import json
+
+import pytest
+import torch
+
+from titans.attention import Attention, windowed_attention
+from titans.blocks.mixers import MAC
+from titans.model import PRESETS, VARIANTS, TitansConfig, TitansLM, count_parameters
+
+SMALL = dict(n_layers=2, dim=32, n_heads=2, segment_len=8, window=6, chunk_size=4, n_persistent=3,
+             mlp_hidden=64)
+
+
+def make(variant: str, **kw) -> TitansLM:
+    torch.manual_seed(0)
+    return TitansLM(TitansConfig.from_preset("tiny", variant=variant, **{**SMALL, **kw})).double()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant):
+    model = make(variant)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (2, 29), generator=g)
+    for p in (0, 7, 8, 13, 27):  # inside and at chunk / segment boundaries
+        changed = tokens.clone()
+        changed[:, p + 1:] = torch.randint(0, 256, changed[:, p + 1:].shape, generator=g)
+        a, b = model(tokens)[0], model(changed)[0]
+        torch.testing.assert_close(a[:, : p + 1], b[:, : p + 1], rtol=0, atol=0)
+        if p + 1 < tokens.shape[1]:
+            assert (a[:, p + 1:] - b[:, p + 1:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streaming_equals_one_call(variant):
+    model = make(variant)
+    tokens = torch.randint(0, 256, (2, 41), generator=torch.Generator().manual_seed(2))
+    whole, _ = model(tokens)
+    cuts = [0, 1, 3, 10, 11, 19, 24, 41]  # chunk (4) and segment (8) boundaries fall mid-piece
+    state, parts = None, []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        out, state = model(tokens[:, a:b], state)
+        parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-10, atol=1e-10)
+    assert state.position == tokens.shape[1]
+
+
+def test_mac_memory_tokens_never_carry_the_future():
+    """d out_i / d x_j = 0 for j > i inside a segment, through h_j (the memory token of token j)
+    as well as through attention: the Jacobian of one MAC mixer is block lower-triangular."""
+    torch.manual_seed(3)
+    model = make("mac")
+    mixer = model.blocks[0].mixer
+    assert isinstance(mixer, MAC)
+    x = torch.randn(1, 8, 32, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda x: mixer(x)[0], x)  # (1, 8, 32, 1, 8, 32)
+    per_pos = jac[0, :, :, 0].abs().sum((1, 3))  # (out position, in position)
+    assert torch.all(per_pos.triu(1) == 0)
+    assert torch.all(per_pos.diagonal() > 0)
+    # h_j really is used: the memory read of token j moves out_j even with attention to S_j cut
+    h_only = mixer.memory.read(x, mixer.init_state(1).segment_weights)[0]
+    assert h_only.abs().sum() > 0
+
+
+def test_windowed_attention_matches_dense_reference(monkeypatch):
+    monkeypatch.setattr("titans.attention.QUERY_BLOCK", 5)  # several blocks
+    g = torch.Generator().manual_seed(4)
+    B, H, T, D, P = 2, 3, 23, 4, 2
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, generator=g) for _ in range(3))
+    pk, pv = (torch.randn(1, H, P, D, dtype=torch.float64, generator=g) for _ in range(2))
+    pos = torch.arange(T)
+    for window in (None, 1, 4, 7, 100):
+        out = windowed_attention(q, k, v, pos, pos, window, pk, pv)
+        i, j = pos[:, None], pos[None, :]
+        mask = (j <= i) & ((i - j) < (window or T + 1))
+        scores = torch.cat([q @ pk.expand(B, -1, -1, -1).transpose(-1, -2),
+                            (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))], -1) / D ** 0.5
+        ref = scores.softmax(-1) @ torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_state_is_bounded():
+    tokens = torch.randint(0, 256, (1, 50))
+    swa = make("swa")
+    _, state = swa(tokens)
+    assert state.layers[0].k.shape[2] == swa.config.window - 1
+    mac = make("mac")
+    _, state = mac(tokens)
+    assert state.layers[0].k_s.shape[2] == 50 % mac.config.segment_len
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_build_with_named_size(preset):
+    target = PRESETS[preset]["params"]
+    for variant in VARIANTS:
+        cfg = TitansConfig.from_preset(preset, variant=variant)
+        with torch.device("meta"):
+            n = count_parameters(TitansLM(cfg))
+        assert abs(n - target) / target < 0.10, (preset, variant, n)
+
+
+def test_tiny_preset_is_cpu_sized():
+    n = count_parameters(TitansLM(TitansConfig.from_preset("tiny")))
+    assert 1e6 <= n <= 3e6
+
+
+def test_config_json_round_trip_and_errors():
+    cfg = TitansConfig.from_preset("small", variant="mag", window=64)
+    assert TitansConfig.from_json(cfg.to_json()) == cfg
+    d = json.loads(cfg.to_json())
+    d["windw"] = 3
+    with pytest.raises(ValueError, match="unknown field 'windw'.*did you mean 'window'"):
+        TitansConfig.from_dict(d)
+    with pytest.raises(ValueError, match="unknown variant 'macc'.*did you mean 'mac'"):
+        TitansConfig(variant="macc")
+    with pytest.raises(ValueError, match=r"n_heads \(5\) must divide dim \(64\)"):
+        TitansConfig(dim=64, n_heads=5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        TitansConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        TitansConfig(chunk_size=0)
+
+
+def test_bad_tokens():
+    model = make("lmm")
+    with pytest.raises(ValueError, match=r"\(B, T\) integer tensor"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+        model(torch.tensor([[1, 300]]))
+
+
+@pytest.mark.parametrize("variant", ["mac", "transformer"])
+def test_generate_greedy_matches_full_forward(variant):
+    model = make(variant).float()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(5))
+    out = model.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 11)
+    assert torch.equal(out[:, :5], prompt)
+    logits, _ = model(out[:, :-1])  # one call over everything: the same greedy choices
+    assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompt, 4, temperature=0.8, top_k=20, top_p=0.9, generator=g)
+    assert sampled.shape == (2, 9) and int(sampled.max()) < 256
+
+
+def test_persistent_slots_are_visible_to_every_query():
+    att = Attention(8, 2, window=2, n_persistent=3).double()
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    y1, _ = att(x)
+    with torch.no_grad():
+        att.persistent_v.add_(1.0)
+    y2, _ = att(x)
+    assert ((y2 - y1).abs().sum(-1) > 0).all()  # every position moved
