@@ -1,0 +1,1 @@
+"""Pure tensor operators shared by the baselines (no parameters, no nn.Module)."""
