@@ -1,6 +1,7 @@
 """titans: the Titans architecture (Behrouz, Zhong, Mirrokni, 2024) in PyTorch."""
 
 from .memory import MemoryState, memory_chunked, memory_recurrent
+from .model import TitansConfig, TitansLM
 
 __version__ = "0.1.0"
-__all__ = ["MemoryState", "memory_chunked", "memory_recurrent"]
+__all__ = ["MemoryState", "TitansConfig", "TitansLM", "memory_chunked", "memory_recurrent"]

@@ -38,6 +38,9 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
     plus every prefix key (B or 1, H, P, D). Computed block-wise over queries: cost O(Tq x window).
     """
     B, H, Tq, D = q.shape
+    no_prefix = prefix_k is None or prefix_k.shape[2] == 0
+    if window is None and no_prefix and k.shape[2] == Tq:  # plain causal: the fused O(T)-memory kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     outs = []
     for s in range(0, Tq, QUERY_BLOCK):
         qb, qp = q[:, :, s:s + QUERY_BLOCK], q_pos[s:s + QUERY_BLOCK]
