@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from titans.memory.conv import causal_conv_silu, conv_tail
+from titans.memory.conv import check_sequence, conv_qkv
 from titans.ops.gated_delta import gated_delta_chunked
 
 # Gate biases at initialisation: keep most of the state, write half-strength.
@@ -90,16 +90,7 @@ class GatedDeltaNet(nn.Module):
         return GatedDeltaNetState(S, conv)
 
     def _check(self, x: Tensor, state: GatedDeltaNetState | None) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"GatedDeltaNet: x must be (B, T, {self.dim}), got {got}")
-        if not x.is_floating_point():
-            raise ValueError(f"GatedDeltaNet: x must be a floating-point tensor, got {x.dtype}")
-        if x.shape[1] < 1:
-            raise ValueError("GatedDeltaNet: x must hold at least one token (T >= 1)")
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("GatedDeltaNet: the input x contains NaN or Inf "
-                                     "(it came from the layers before this one)")
+        check_sequence("GatedDeltaNet", x, self.dim)
         if state is not None:
             if not isinstance(state, GatedDeltaNetState):
                 raise ValueError(f"GatedDeltaNet: state must be a GatedDeltaNetState or None, "
@@ -117,17 +108,7 @@ class GatedDeltaNet(nn.Module):
 
     def _qkv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k); returns the new conv cache."""
-        h = self.qkv(x)
-        new_cache = None
-        if self.conv is not None:
-            if cache is None:
-                cache = h.new_zeros(h.shape[0], self.kernel - 1, h.shape[2])
-            new_cache = conv_tail(h, cache)
-            h = causal_conv_silu(h, cache, self.conv)
-        else:
-            h = F.silu(h)
-        q, k, v = rearrange(h, "b t (s h d) -> s b h t d", s=3, h=self.heads)
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
+        return conv_qkv(self.qkv(x), self.conv, cache, self.heads)
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha, beta: (B, H, T), at least float32 for the recurrence."""

@@ -62,3 +62,33 @@ class _CausalConvSiLU(torch.autograd.Function):
             dxp[:, i:i + T].addcmul_(dpre, w[:, i])
             dw[:, i] = (dpre * xp[:, i:i + T]).sum((0, 1))
         return dxp[:, K - 1:], dxp[:, :K - 1].to(cache.dtype), dw.to(weight.dtype)
+
+
+def check_sequence(owner: str, x: Tensor, dim: int) -> None:
+    """The input check every token mixer shares: x must be a finite float (B, T >= 1, dim) tensor."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: x must be (B, T, {dim}), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner}: x must be a floating-point tensor, got {x.dtype}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{owner}: x must hold at least one token (T >= 1)")
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{owner}: the input x contains NaN or Inf "
+                                 "(it came from the layers before this one)")
+
+
+def conv_qkv(h: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int):
+    """Projected inputs h (B, T, 3 dim) -> q, k, v (B, H, T, D) after causal conv + SiLU, with q and
+    k L2-normalised per head; and the conv cache after h (None without a conv)."""
+    new_cache = None
+    if weight is not None:
+        if cache is None:
+            cache = h.new_zeros(h.shape[0], weight.shape[1] - 1, h.shape[2])
+        new_cache = conv_tail(h, cache)
+        h = causal_conv_silu(h, cache, weight)
+    else:
+        h = F.silu(h)
+    B, T, _ = h.shape
+    q, k, v = h.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .chunked import run_memory
-from .conv import causal_conv_silu, conv_tail
+from .conv import check_sequence, conv_qkv
 from .functional import MemoryState, memory_apply, no_autocast
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
@@ -112,16 +112,7 @@ class NeuralMemory(nn.Module):
         return NeuralMemoryState(mem, conv)
 
     def _check(self, x: Tensor, state: NeuralMemoryState | None) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"NeuralMemory: x must be (B, T, {self.dim}), got {got}")
-        if not x.is_floating_point():
-            raise ValueError(f"NeuralMemory: x must be a floating-point tensor, got {x.dtype}")
-        if x.shape[1] < 1:
-            raise ValueError("NeuralMemory: x must hold at least one token (T >= 1)")
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("NeuralMemory: the input x contains NaN or Inf "
-                                     "(it came from the layers before the memory)")
+        check_sequence("NeuralMemory", x, self.dim)
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise ValueError(f"NeuralMemory: state must be a NeuralMemoryState or None, "
@@ -132,17 +123,7 @@ class NeuralMemory(nn.Module):
 
     def _qkv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k); returns the new conv cache."""
-        h = self.qkv(x)
-        new_cache = None
-        if self.conv is not None:
-            if cache is None:
-                cache = h.new_zeros(h.shape[0], self.kernel - 1, h.shape[2])
-            new_cache = conv_tail(h, cache)
-            h = causal_conv_silu(h, cache, self.conv)
-        else:
-            h = F.silu(h)
-        q, k, v = rearrange(h, "b t (s h d) -> s b h t d", s=3, h=self.heads)
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
+        return conv_qkv(self.qkv(x), self.conv, cache, self.heads)
 
     def _gates(self, x: Tensor, state: NeuralMemoryState | None):
         """alpha, eta, theta: (B, H, T) or (B, H, T, L); and the chunk-gate carry for the state."""
