@@ -18,16 +18,17 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_help_lists_demo():
+def test_help_lists_the_commands():
     p = _run("--help")
     assert p.returncode == 0, p.stderr
-    assert "demo" in p.stdout
+    for command in ("demo", "train", "sample", "data", "memory-demo"):
+        assert command in p.stdout
     assert "usage: titans" in p.stdout
 
 
-def test_demo_help_describes_the_demo(capsys):
+def test_memory_demo_help_describes_the_demo(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--help"])
+        main(["memory-demo", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for word in ("--out", "--seed", "surprise", "recall", "alpha", "memory_demo.png"):
@@ -44,7 +45,7 @@ def test_unknown_command_is_a_one_line_error():
 
 def test_bad_option_value_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--seed", "abc"])
+        main(["memory-demo", "--seed", "abc"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seed" in err[0]
@@ -55,9 +56,9 @@ def test_no_command_prints_help(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_demo_command_writes_files_and_prints_table(tmp_path, capsys):
+def test_memory_demo_command_writes_files_and_prints_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--seed", "0"]) == 0
+    assert main(["memory-demo", "--out", str(out), "--seed", "0"]) == 0
     text = capsys.readouterr().out
     assert (out / "memory_demo.png").is_file() and (out / "memory_demo.json").is_file()
     assert "after pass 1" in text and "alpha" in text
@@ -67,6 +68,20 @@ def test_demo_command_writes_files_and_prints_table(tmp_path, capsys):
 def test_unwritable_out_is_a_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert main(["demo", "--out", str(blocker / "sub")]) == 1
+    assert main(["memory-demo", "--out", str(blocker / "sub")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "data", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out) > 300
+
+
+def test_data_build_cli_with_an_unknown_source_is_one_line(tmp_path, capsys):
+    assert main(["data", "build", "--out", str(tmp_path), "--sources", "shakespear"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'shakespeare'" in err[0]

@@ -255,13 +255,15 @@ class TitansLM(nn.Module):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"TitansLM: token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
-        state = self.init_state(tokens.shape[0]) if state is None else state
+        # no state: each mixer starts its own inside its forward (where FSDP has gathered its weights)
+        layers = [None] * len(self.blocks) if state is None else state.layers
         x = self.embed(tokens)
         new_layers = []
-        for block, s in zip(self.blocks, state.layers):
+        for block, s in zip(self.blocks, layers):
             x, s = block(x, s)
             new_layers.append(s)
-        return self.head(self.norm(x)), LMState(new_layers, state.position + tokens.shape[1])
+        position = 0 if state is None else state.position
+        return self.head(self.norm(x)), LMState(new_layers, position + tokens.shape[1])
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -1,0 +1,328 @@
+"""The trainer: config errors, schedule, decay groups, exact resume, signals, atomic checkpoints,
+loading and sampling, clear CLI errors, and data parallelism on 2 CPU processes (gloo)."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from titans import TitansLM
+from titans.checkpoint import find_checkpoint, list_checkpoints, load, open_checkpoint, save_checkpoint
+from titans.cli import main as cli
+from titans.errors import TitansError
+from titans.train import OptimConfig, load_config, lr_factor, make_optimizer, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path, corpus_dir, **sets):
+    """A very small MAC run on the fixture corpus: 2 layers, dim 32, windows of 32 tokens."""
+    base = {"model.preset": "tiny", "model.variant": "mac", "model.dim": 32, "model.n_layers": 2,
+            "model.n_heads": 2, "model.segment_len": 16, "model.window": 16, "model.n_persistent": 2,
+            "model.mlp_hidden": 64,
+            "data.dir": str(corpus_dir), "data.sources": "pypi", "data.seq_len": 32,
+            "optim.warmup_steps": 2, "train.batch_size": 2, "train.steps": 6, "train.eval_every": 3,
+            "train.eval_windows": 4, "train.ckpt_every": 3, "train.progress": False,
+            "train.tensorboard": False, "train.out": str(tmp_path / "run")}
+    base.update(sets)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_unknown_keys_get_a_suggestion(tmp_path):
+    with pytest.raises(TitansError, match=r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_config(None, ["optim.lrr=1e-3"])
+    with pytest.raises(TitansError, match="did you mean 'model.variant'"):
+        load_config(None, ["model.variannt=mag"])
+    f = tmp_path / "c.yaml"
+    f.write_text("optimm:\n  lr: 1\n")
+    with pytest.raises(TitansError, match="unknown section 'optimm'.*did you mean 'optim'"):
+        load_config(f)
+
+
+def test_bad_values_are_named():
+    with pytest.raises(TitansError, match="train.steps must be an int, got 'many'"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(TitansError, match="train.batch_size must be > 0"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(TitansError, match="unknown variant 'magg'.*did you mean 'mag'"):
+        load_config(None, ["model.variant=magg"])
+    with pytest.raises(TitansError, match="not a preset"):
+        load_config(None, ["model.preset=huge"])
+    with pytest.raises(TitansError, match="key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("model:\n  variant: mag\noptim:\n  lr: 1.0e-3\ntrain:\n  steps: 7\n")
+    cfg = load_config(f, ["optim.lr=2e-3", "train.bf16=false"])
+    assert cfg.model["variant"] == "mag" and cfg.optim.lr == 2e-3 and cfg.train.steps == 7
+    assert cfg.train.bf16 is False and isinstance(cfg.optim.lr, float)
+    assert cfg.train.out == "out/runs/exp"  # the run folder is named after the config
+    with pytest.raises(TitansError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    for f in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(f)
+        assert cfg.model_config(256).variant in f.stem
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 100) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+    assert all(a >= b - 1e-12 for a, b in zip(f[10:], f[11:]))
+    assert f[100] == pytest.approx(0.1) and f[55] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-9)
+
+
+def test_weight_decay_skips_norms_biases_embeddings_and_persistent_tokens():
+    from titans import TitansConfig
+
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="mac", dim=32, n_heads=2, n_layers=1))
+    opt = make_optimizer(model, OptimConfig(weight_decay=0.1))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n: id(p) in decayed for n, p in model.named_parameters()}
+    assert not names["embed.weight"] and not names["norm.weight"]
+    assert not names["blocks.0.mixer.memory.gates.bias"]
+    assert not names["blocks.0.mixer.attention.persistent_k"]
+    assert not names["blocks.0.mixer.memory.ln_gamma"]
+    assert names["blocks.0.mixer.memory.qkv.weight"] and names["head.weight"]
+    assert names["blocks.0.mlp.up.weight"]
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert sum(map(len, (g["params"] for g in opt.param_groups))) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path, corpus_dir):
+    cfg = small_config(tmp_path, corpus_dir, **{"train.steps": 30, "train.eval_every": 15,
+                                                "optim.lr": 1e-2, "train.tensorboard": True,
+                                                "train.ckpt_every": 10, "train.keep_last": 2})
+    s = train(cfg, log=quiet)
+    run = Path(s["run_dir"])
+    recs = read_metrics(run / "metrics.jsonl")
+    train_losses = [r["loss"] for r in recs if "loss" in r]
+    vals = [r["val_bpb"] for r in recs if "val_bpb" in r]
+    assert len(train_losses) == 30 and len(vals) == 2
+    assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 0.5
+    assert vals[1] < vals[0] and math.isfinite(s["val_bpb"])
+    assert math.log2(256) * 0.5 < vals[0] < 9  # bytes: an untrained model is near 8 bits/byte
+    for f in ("loss.png", "summary.json", "config.yaml"):
+        assert (run / f).is_file()
+    assert any((run / "tb").iterdir())
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000020", "step_00000030"]
+    assert s["tokens"] == 30 * 2 * 32
+
+
+def test_resume_after_sigterm_matches_an_uninterrupted_run_bit_for_bit(tmp_path, corpus_dir):
+    full = train(small_config(tmp_path / "a", corpus_dir, **{"train.ckpt_every": 100}), log=quiet)
+
+    def interrupt_at_step_3(msg):
+        if msg.startswith("step 3/"):
+            signal.raise_signal(signal.SIGTERM)  # as a cluster scheduler would
+
+    cfg = small_config(tmp_path / "b", corpus_dir, **{"train.ckpt_every": 100, "train.log_every": 1})
+    part = train(cfg, log=interrupt_at_step_3)
+    assert part["stopped_by"] == "SIGTERM" and part["steps"] == 3
+    assert Path(part["checkpoint"]).name == "step_00000003"
+    resumed = train(cfg, resume=True, log=quiet)
+    assert resumed["steps"] == 6
+    a, b = losses(full["run_dir"]), losses(part["run_dir"])
+    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
+    assert a == b  # exact float equality, every step
+    assert resumed["val_loss"] == full["val_loss"]
+    wa = load(full["run_dir"])[0].state_dict()
+    wb = load(part["run_dir"])[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_to_the_cli_saves_and_exits_cleanly(tmp_path, corpus_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+model: {{preset: tiny, variant: transformer, dim: 32, n_layers: 1, n_heads: 2, mlp_hidden: 64}}
+data: {{dir: {corpus_dir}, sources: pypi, seq_len: 32}}
+train: {{steps: 100000, batch_size: 2, eval_every: 100000, ckpt_every: 100000, log_every: 1,
+        progress: false, tensorboard: false, out: {tmp_path / 'run'}}}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    p = subprocess.Popen([sys.executable, "-m", "titans", "train", "--config", str(cfg)], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait until training runs
+        if line.startswith("step 2/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    assert "stopped by SIGTERM" in out and "--resume" in out
+    ck = find_checkpoint(tmp_path / "run")
+    assert open_checkpoint(ck).step >= 2
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_dir):
+    tmp = tmp_path_factory.mktemp("trained")
+    s = train(small_config(tmp, corpus_dir, **{"train.steps": 3, "train.ckpt_every": 3}), log=quiet)
+    return Path(s["run_dir"])
+
+
+def _copy_run(trained, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(trained, tmp_path, monkeypatch):
+    run = _copy_run(trained, tmp_path)
+    before = find_checkpoint(run)
+    ck = open_checkpoint(before)
+    model, tok = load(run)
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr("titans.checkpoint.torch.save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(run, 4, model_state=model.state_dict(), config=ck.config, train_config={},
+                        tokenizer=tok, trainer_state={}, tokens_seen=0)
+    assert find_checkpoint(run) == before
+    assert not (run / "checkpoints" / "step_00000004").exists()
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # a writer killed outright leaves a hidden temporary folder: ignored, then cleaned up
+    stale = run / "checkpoints" / ".tmp-step_00000009-1"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert find_checkpoint(run) == before
+    load(run)
+    monkeypatch.undo()
+    new = save_checkpoint(run, 5, model_state=model.state_dict(), config=ck.config, train_config={},
+                          tokenizer=tok, trainer_state={}, tokens_seen=0, keep_last=1)
+    assert find_checkpoint(run) == new and not stale.exists()
+    assert list_checkpoints(run) == [new]
+
+
+def test_load_gives_the_trained_model_and_its_tokenizer(trained):
+    model, tok = load(trained)
+    assert isinstance(model, TitansLM) and not model.training
+    ids = tok.encode("To be, or not")
+    assert tok.decode(ids) == "To be, or not"
+    logits, _ = model(torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
+    run = _copy_run(trained, tmp_path)
+    f = find_checkpoint(run) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(TitansError, match="corrupt"):
+        load(run)
+    assert cli(["sample", "--checkpoint", str(run), "--prompt", "a"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt" in err[0] and "model.safetensors" in err[0]
+    (find_checkpoint(run) / "trainer.pt").write_bytes(b"garbage")
+    with pytest.raises(TitansError, match="trainer.pt is corrupt"):
+        open_checkpoint(run).trainer_state()
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert cli(["sample", "--checkpoint", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    (tmp_path / "empty_run").mkdir()
+    assert cli(["sample", "--checkpoint", str(tmp_path / "empty_run")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_with_another_tokenizer_is_refused(trained, tmp_path, corpus_dir):
+    run = _copy_run(trained, tmp_path)
+    cfg = small_config(tmp_path, corpus_dir, **{"train.out": str(run), "data.tokenizer": "bpe600",
+                                                "train.steps": 4})
+    with pytest.raises(TitansError, match="tokenizer"):
+        train(cfg, resume=True, log=quiet)
+
+
+def test_swapped_tokenizer_folder_is_detected(trained, tmp_path):
+    from titans.data.tokenizer import train_bpe
+
+    run = _copy_run(trained, tmp_path)
+    tok_dir = find_checkpoint(run) / "tokenizer"
+    shutil.rmtree(tok_dir)
+    train_bpe(["some other text entirely, with words of its own. " * 200], 512, log=quiet).save(tok_dir)
+    with pytest.raises(TitansError, match="does not match"):
+        load(run)
+
+
+def test_sample_cli_continues_the_prompt(trained, capsys):
+    assert cli(["sample", "--checkpoint", str(trained), "--prompt", "HAMLET.", "--max-new-tokens", "12",
+                "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("HAMLET.") and len(out.encode()) >= len("HAMLET.") + 1
+
+
+def test_too_small_corpus_and_bad_config_are_one_line_cli_errors(tmp_path, corpus_dir, capsys):
+    args = ["train", "--set", f"data.dir={corpus_dir}", "--set", "data.sources=pypi",
+            "--set", "data.seq_len=100000000", "--set", f"train.out={tmp_path / 'r'}"]
+    assert cli(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fewer than seq_len" in err[0]
+    assert cli(["train", "--set", "optim.lrr=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'optim.lr'" in err[0]
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+def _torchrun(tmp_path, corpus_dir, nproc, batch, extra=()):
+    out = tmp_path / f"run{nproc}"
+    sets = [f"data.dir={corpus_dir}", "data.sources=pypi", "data.seq_len=32", "model.dim=32",
+            "model.n_layers=2", "model.n_heads=2", "model.segment_len=16", "model.window=16",
+            "model.n_persistent=2", "model.mlp_hidden=64", f"train.batch_size={batch}", "train.steps=4",
+            "train.eval_every=4", "train.eval_windows=4", "train.ckpt_every=4", "train.progress=false",
+            "train.tensorboard=false", f"train.out={out}", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "titans.train"] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_dir, mode):
+    extra = ["train.fsdp=true"] if mode == "fsdp" else []
+    t0 = time.time()
+    one = losses(_torchrun(tmp_path, corpus_dir, 1, 4))
+    two_dir = _torchrun(tmp_path, corpus_dir, 2, 2, extra)
+    two = losses(two_dir)
+    assert list(one) == list(two) == [1, 2, 3, 4]
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), (s, one, two)
+    assert one[4] != one[1]  # the model did train
+    # the 2-process run wrote one loadable checkpoint (rank 0 only)
+    model, _ = load(two_dir)
+    assert open_checkpoint(two_dir).step == 4 and time.time() - t0 < 300
+    summary = json.loads((two_dir / "summary.json").read_text())
+    assert summary["tokens"] == 4 * 2 * 2 * 32

@@ -1,0 +1,111 @@
+"""From the corpus to training batches: tokenise each split once into a flat token file, then draw
+windows of seq_len + 1 tokens.
+
+Training windows for (step, micro-step) come from a generator seeded by (seed, step, micro): the
+batch depends on nothing but those numbers, so a resumed run sees exactly the batches the
+uninterrupted run would have seen, and N processes each taking their slice of the global batch
+see the same samples as one process taking all of it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import TitansError
+from .corpus import CorpusError, build_corpus, load_documents
+from .tokenizer import Tokenizer, encode_to_file, get_tokenizer, open_tokens
+
+
+@dataclass
+class Split:
+    """A split as one token stream: tokens (N,) memmap; bytes: UTF-8 bytes of its text."""
+
+    name: str
+    tokens: np.ndarray
+    bytes: int
+
+    @property
+    def bits_per_token_to_bpb(self) -> float:
+        """Multiply a loss in bits per token by this to get bits per byte."""
+        return len(self.tokens) / self.bytes
+
+
+def prepare(data_dir: str | Path, sources, tokenizer_spec: str, seq_len: int, *,
+            log=print) -> tuple[Tokenizer, dict[str, Split]]:
+    """Build the corpus if needed (cached), get the tokenizer (BPE: trained on the train split once,
+    cached) and the tokenised train / val / test splits (cached, keyed by corpus and tokenizer)."""
+    data_dir = Path(data_dir)
+    try:
+        manifest = build_corpus(data_dir, sources, log=log)
+    except CorpusError as e:
+        raise TitansError(str(e)) from None
+    key = str(manifest.get("key", "corpus"))[:10]
+
+    def train_texts():
+        return (d.text for d in load_documents(data_dir, "train"))
+
+    tokenizer = get_tokenizer(tokenizer_spec, train_texts, data_dir / "tokenizers" / key, log=log)
+    folder = data_dir / "tokens" / f"{key}-{tokenizer.name}-{tokenizer.fingerprint[:10]}"
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.bin"
+        if not path.exists():
+            docs = load_documents(data_dir, split)
+            encode_to_file((d.text for d in docs), tokenizer, path, log=log)
+        tokens, meta = open_tokens(path)
+        splits[split] = Split(split, tokens, max(1, int(meta["bytes"])))
+    for split in ("train", "val"):
+        if len(splits[split].tokens) < seq_len + 2:
+            raise TitansError(f"the {split} split of the corpus in {data_dir} has "
+                              f"{len(splits[split].tokens)} tokens, fewer than seq_len + 2 = {seq_len + 2}; "
+                              "add sources (titans data build --sources all) or lower data.seq_len")
+    return tokenizer, splits
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    chunk = torch.from_numpy(tokens[idx].astype(np.int64))
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def train_batch(split: Split, seq_len: int, batch_size: int, *, seed: int, step: int, micro: int,
+                rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (inputs, targets), each (batch_size, seq_len) long, of the global batch of
+    batch_size * world windows drawn for (seed, step, micro)."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(split.tokens) - seq_len - 1, size=batch_size * world)
+    return _windows(split.tokens, starts[rank * batch_size:(rank + 1) * batch_size], seq_len)
+
+
+def eval_windows(split: Split, seq_len: int, n_windows: int) -> np.ndarray:
+    """Start offsets of n_windows windows spread evenly over the split (fixed, so evaluations at
+    different steps and in different runs score the same text)."""
+    last = len(split.tokens) - seq_len - 1
+    n = max(1, min(n_windows, last // seq_len + 1))
+    return np.linspace(0, last, n).astype(np.int64)
+
+
+@torch.no_grad()
+def evaluate_loss(model, split: Split, seq_len: int, n_windows: int, batch_size: int,
+                  device: torch.device, *, rank: int = 0, world: int = 1, autocast=None) -> tuple[float, int]:
+    """Mean next-token loss (nats) over this rank's share of the evaluation windows, and the number
+    of tokens it scored."""
+    starts = eval_windows(split, seq_len, n_windows)[rank::world]
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        x, y = _windows(split.tokens, starts[i:i + batch_size], seq_len)
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total += loss.item()
+        count += y.numel()
+    return total / max(count, 1), count
+
+
+def bits_per_byte(loss_nats: float, split: Split) -> float:
+    return loss_nats / math.log(2) * split.bits_per_token_to_bpb
