@@ -180,6 +180,20 @@ train: {{steps: 100000, batch_size: 2, eval_every: 100000, ckpt_every: 100000, l
     assert open_checkpoint(ck).step >= 2
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, corpus_dir):
+    """2 micro-steps of 2 sequences draw the same 4 windows as 1 step of 4 and average the same
+    gradient: the losses agree up to float rounding at every step."""
+    sets = {"train.steps": 4, "train.ckpt_every": 100}
+    big = train(small_config(tmp_path / "big", corpus_dir, **sets, **{"train.batch_size": 4}), log=quiet)
+    acc = train(small_config(tmp_path / "acc", corpus_dir, **sets,
+                             **{"train.batch_size": 2, "train.grad_accum": 2}), log=quiet)
+    assert big["tokens"] == acc["tokens"] == 4 * 4 * 32
+    a, b = losses(big["run_dir"]), losses(acc["run_dir"])
+    assert list(a) == list(b) == [1, 2, 3, 4] and a[4] != a[1]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a, b)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 @pytest.fixture(scope="module")

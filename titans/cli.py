@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for report.md, loss.png and runs/ (default: out/demo)")
     demo.add_argument("--data", type=Path, default=Path("data"), metavar="DATA",
                       help="corpus folder, built if missing (default: data)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: 240)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default: 0)")
 
     train = _sub(sub, "train", "train a model from a YAML config", TRAIN_DESCRIPTION, _run_train)

@@ -20,7 +20,7 @@ from .checkpoint import load
 from .train import TrainConfig, config_from_dict, plot_losses, train
 
 VARIANTS = ("mac", "transformer")
-DEFAULT_STEPS = 240
+DEFAULT_STEPS = 200
 PROMPT = "ROMEO.\n"
 
 

@@ -432,7 +432,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                                    keep_last=t.keep_last)
 
         progress = None
-        if main and t.progress:
+        if main and t.progress and sys.stderr.isatty():  # in a log file: plain lines instead
             from tqdm.auto import tqdm
             progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
         last_ckpt, last_val, stopped = None, None, None
@@ -443,7 +443,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                 loss_sum = 0.0
                 for micro in range(t.grad_accum):
                     x, y = train_batch(splits["train"], d.seq_len, t.batch_size, seed=t.seed, step=step,
-                                       micro=micro, rank=world.rank, world=world.size)
+                                       micro=micro, accum=t.grad_accum, rank=world.rank, world=world.size)
                     x, y = x.to(device), y.to(device)
                     last = micro == t.grad_accum - 1
                     # DDP: all-reduce the gradients only on the last micro-step
@@ -540,7 +540,10 @@ def plot_losses(runs: dict[str, str | Path], png: str | Path, title: str | None 
                      color=color, label=label)
     ax1.set(xlabel="training tokens", ylabel="train loss (bits/token, EMA)", title="training")
     ax2.set(xlabel="training tokens", ylabel="validation bits per byte", title="validation")
+    from matplotlib.ticker import EngFormatter
+
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_formatter(EngFormatter())  # 250k, 1M
         ax.grid(alpha=0.3)
         ax.legend()
     if title:

@@ -72,13 +72,15 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def train_batch(split: Split, seq_len: int, batch_size: int, *, seed: int, step: int, micro: int,
-                rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (inputs, targets), each (batch_size, seq_len) long, of the global batch of
-    batch_size * world windows drawn for (seed, step, micro)."""
-    rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(split.tokens) - seq_len - 1, size=batch_size * world)
-    return _windows(split.tokens, starts[rank * batch_size:(rank + 1) * batch_size], seq_len)
+def train_batch(split: Split, seq_len: int, batch_size: int, *, seed: int, step: int, micro: int = 0,
+                accum: int = 1, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (batch_size, seq_len) long: this rank's share of micro-step `micro`
+    of the global batch of batch_size * accum * world windows drawn for (seed, step). The global
+    batch is the same for every split into processes and micro-steps of the same total size."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(split.tokens) - seq_len - 1, size=batch_size * accum * world)
+    block = micro * world + rank
+    return _windows(split.tokens, starts[block * batch_size:(block + 1) * batch_size], seq_len)
 
 
 def eval_windows(split: Split, seq_len: int, n_windows: int) -> np.ndarray:
