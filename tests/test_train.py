@@ -239,7 +239,9 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(trained, tmp_path, 
 
 
 def test_load_gives_the_trained_model_and_its_tokenizer(trained):
-    model, tok = load(trained)
+    import titans
+
+    model, tok = titans.load(trained)
     assert isinstance(model, TitansLM) and not model.training
     ids = tok.encode("To be, or not")
     assert tok.decode(ids) == "To be, or not"

@@ -3,6 +3,8 @@
 Subcommands:
   demo         the main job: build the corpus, train a tiny MAC and a Transformer++, compare, sample
   train        train a model from a YAML config (checkpoints, resume, DDP / FSDP with torchrun)
+  eval         needles, BABILong, MQAR, held-out bits per byte, loss by position (streamed)
+  inspect      the memory at work on a document: per-token surprise, gates, recall (PNG + HTML)
   sample       generate text from a checkpoint on the streaming state
   data         build the corpus from package registries
   memory-demo  watch the neural long-term memory learn at test time (a toy, 5 s)
@@ -112,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_arguments
     add_arguments(train)
 
+    from .evaluate import __doc__ as eval_doc
+    from .evaluate import add_arguments as add_eval_arguments
+
+    ev = _sub(sub, "eval", "accuracy on needles / BABILong / MQAR, held-out bits per byte, loss by position",
+              eval_doc, _run_eval)
+    add_eval_arguments(ev)
+
+    from .inspect import __doc__ as inspect_doc
+    from .inspect import add_arguments as add_inspect_arguments
+
+    ins = _sub(sub, "inspect", "the memory at work on a document: surprise, gates, recall (PNG + HTML)",
+               inspect_doc, _run_inspect)
+    add_inspect_arguments(ins)
+
     sample = _sub(sub, "sample", "generate text from a checkpoint", SAMPLE_DESCRIPTION, _run_sample)
     sample.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run folder (its latest checkpoint) or a checkpoints/step_* folder")
@@ -162,6 +178,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .train import run
+
+    return run(args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run
+
+    return run(args)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import run
 
     return run(args)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from titans.data.tokenizer import Tokenizer
 
 from .babilong import make_babi, make_babilong
-from .common import Example, answer_in, score
+from .common import Example, answer_in, check_depth, score
 from .haystack import TOLERANCE, count_tokens
 from .mqar import make_mqar
 from .niah import make_niah
@@ -37,6 +37,7 @@ def _niah(kind: str, **counts: int) -> TaskFn:
 def _babilong(qa: int) -> TaskFn:
     def make(length: int, *, haystack: str, tokenizer: Tokenizer | None = None, seed: int = 0,
              depth: float | None = None) -> Example:
+        check_depth(f"babilong_qa{qa}", depth)  # accepted for a uniform signature; facts go at random depths
         return make_babilong(qa, length, haystack=haystack, tokenizer=tokenizer, seed=seed)
     return make
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import random
 
-from titans.data.tokenizer import ByteTokenizer, Tokenizer
+from titans.data.tokenizer import Tokenizer
 
-from .common import Example, check_haystack, check_int
+from .common import Example, check_haystack, check_int, check_tokenizer
 from .haystack import fit_context
 
 PEOPLE = ("Mary", "John", "Daniel", "Sandra")
@@ -223,13 +223,13 @@ def make_babilong(qa: int, length: int, *, haystack: str, tokenizer: Tokenizer |
     check_int(where, "length", length, 1)
     check_int(where, "seed", seed, 0)
     haystack = check_haystack(where, haystack)
+    tokenizer = check_tokenizer(where, tokenizer)
     rng = _rng(qa, seed)
     facts, babi_question, answer = _story(qa, rng, n_facts)
     depths = sorted(rng.random() for _ in facts)
     question = f"\nQuestion: {babi_question}\nAnswer:"
     context, offsets, fit = fit_context(haystack, length, facts, depths, question,
-                                        tokenizer=tokenizer if tokenizer is not None else ByteTokenizer(),
-                                        start=rng.random(), keep_order=True)
+                                        tokenizer=tokenizer, start=rng.random(), keep_order=True)
     meta = {"qa": qa, "seed": seed, "n_facts": n_facts, "facts": facts, "fact_offsets": offsets,
             "fact_depths": [round(off / len(context), 4) for off in offsets], "babi_question": babi_question,
             "answers": [answer], **fit}

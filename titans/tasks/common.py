@@ -71,6 +71,18 @@ def check_depth(where: str, depth) -> float | None:
     return float(depth)
 
 
+def check_tokenizer(where: str, tokenizer):
+    """The tokenizer, ByteTokenizer() for None; anything without an encode(str) method is refused."""
+    if tokenizer is None:
+        from titans.data.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    if isinstance(tokenizer, (str, bytes)) or not callable(getattr(tokenizer, "encode", None)):
+        raise ValueError(f"{where}: tokenizer must be a titans.data.tokenizer.Tokenizer (or None for bytes), "
+                         f"got {tokenizer!r:.60}")
+    return tokenizer
+
+
 def check_haystack(where: str, haystack) -> str:
     if not isinstance(haystack, str) or not haystack.strip():
         got = type(haystack).__name__

@@ -26,9 +26,9 @@ from __future__ import annotations
 import random
 import uuid
 
-from titans.data.tokenizer import ByteTokenizer, Tokenizer
+from titans.data.tokenizer import Tokenizer
 
-from .common import Example, check_depth, check_haystack, check_int
+from .common import Example, check_depth, check_haystack, check_int, check_tokenizer
 from .haystack import fit_context
 
 KINDS = ("single_1", "single_2", "single_3")
@@ -79,7 +79,8 @@ def make_niah(kind: str, length: int, depth: float | None = None, *, haystack: s
 
     kind: "single_1" | "single_2" | "single_3" (see the module docstring). depth in [0, 1] or None.
     haystack: real text for single_2 / single_3 (cycled when shorter than needed); ignored by single_1.
-    Deterministic in all arguments. meta: kind, seed, depth, keys, values ({key: [values]}),
+    Deterministic in all arguments. meta: kind, seed, depth (of the first queried needle; depth_drawn:
+    it was drawn from the seed), keys, values ({key: [values]}),
     query_keys, answers, needles, needle_offsets (character offsets in the context, in the order of
     `needles`), needle_depths (offset / context length), plus fit_context's length and haystack fields.
     """
@@ -100,7 +101,7 @@ def make_niah(kind: str, length: int, depth: float | None = None, *, haystack: s
                          f"(use kind 'single_2' or 'single_3' for multi-key / multi-value / multi-query)")
     if kind != "single_1":
         haystack = check_haystack(f"{where}(kind={kind!r})", haystack)
-    tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+    tokenizer = check_tokenizer(where, tokenizer)
 
     rng = random.Random(seed)
     picks = rng.sample(range(len(_ADJECTIVES) * len(_NOUNS)), n_keys)
@@ -141,7 +142,8 @@ def make_niah(kind: str, length: int, depth: float | None = None, *, haystack: s
     where_is = {owner: off for owner, off in zip(owners, offsets)}
     answers = [v for key in query_keys for v in sorted(values[key], key=lambda v: where_is[(key, v)])]
     meta = {
-        "kind": kind, "seed": seed, "depth": depth, "keys": keys, "values": values, "query_keys": query_keys,
+        "kind": kind, "seed": seed, "depth": depths[0], "depth_drawn": depth is None,
+        "keys": keys, "values": values, "query_keys": query_keys,
         "answers": answers, "needles": needles, "needle_offsets": offsets,
         "needle_depths": [round(off / len(context), 4) for off in offsets],
         "filler": "noise" if kind == "single_1" else "haystack", **fit,

@@ -1,0 +1,105 @@
+"""Table-1 analog at CPU scale: validation and held-out bits per byte of every variant at equal
+parameter count (the `tiny` preset, ~2M, SwiGLU width solved per variant) and an equal token budget,
+over several seeds.
+
+    python experiments/table1.py --steps 200 --seeds 0,1          # ~0.4M tokens per run
+    python experiments/table1.py --table-only                     # rebuild the table from finished runs
+
+Runs are resumable: a run whose result file exists is not trained again. Checkpoints go to
+out/table1/RUN/ (not committed; every one is reproduced by this command), the numbers to
+results/table1/ (RUN.json per run, runs.jsonl, table.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("transformer", "swa", "gated_deltanet", "ttt_mlp", "lmm", "mac", "mag", "mal")
+
+
+def config(variant: str, seed: int, steps: int, out: Path, data: str):
+    from titans.train import config_from_dict
+
+    return config_from_dict({
+        "model": {"preset": "tiny", "variant": variant},
+        "data": {"dir": data, "sources": "pypi", "tokenizer": "byte", "seq_len": 256},
+        "optim": {"lr": 3e-3, "warmup_steps": max(1, steps // 10)},
+        "train": {"steps": steps, "batch_size": 8, "seed": seed, "eval_every": steps, "eval_windows": 128,
+                  "ckpt_every": steps, "keep_last": 1, "out": str(out), "tensorboard": False,
+                  "progress": False, "log_every": 50},
+    }, source="table1")
+
+
+def run_all(args) -> None:
+    from titans.evaluate import eval_ppl
+    from titans.train import train
+
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for variant in args.variants:
+            name = f"{variant}-s{seed}"
+            run = Path(args.runs) / name
+            if (root / f"{name}.json").exists():
+                continue
+            print(f"== {variant} seed {seed}", flush=True)
+            s = train(config(variant, seed, args.steps, run, args.data), log=lambda m: print(m, flush=True))
+            from titans.checkpoint import load
+
+            model, tok = load(run)
+            t0 = time.perf_counter()
+            ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, piece=2048, log=lambda *a: None)
+            s["test_bpb"] = ppl[-1]["bpb"]
+            s["test_seconds"] = time.perf_counter() - t0
+            s["seed"] = seed
+            (root / f"{name}.json").write_text(json.dumps(s, indent=1))
+            print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}  ({s['seconds']:.0f} s)", flush=True)
+            table(args)
+
+
+def table(args) -> str:
+    root = Path(args.out)
+    rows = [json.loads(p.read_text()) for p in sorted(root.glob("*-s*.json"))]
+    lines = ["| variant | parameters | seeds | tokens/run | val bits/byte (mean ± sd) | held-out test bits/byte "
+             "(mean ± sd) | train tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for v in VARIANTS:
+        rs = [r for r in rows if r["variant"] == v]
+        if not rs:
+            continue
+        def ms(key):
+            xs = [r[key] for r in rs]
+            return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+        lines.append(f"| {v} | {rs[0]['parameters']:,} | {len(rs)} | {rs[0]['tokens']:,} | {ms('val_bpb')} | "
+                     f"{ms('test_bpb')} | {statistics.median(r['tok_per_s'] for r in rs):,.0f} |")
+    text = "\n".join(lines) + "\n"
+    (root / "table.md").write_text(text)
+    with open(root / "runs.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    p.add_argument("--data", default="data")
+    p.add_argument("--test-tokens", type=int, default=32768, help="tokens per held-out document scored")
+    p.add_argument("--out", default="results/table1")
+    p.add_argument("--runs", default="out/table1")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    if not args.table_only:
+        run_all(args)
+    print(table(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

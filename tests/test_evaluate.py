@@ -1,0 +1,136 @@
+"""Streaming evaluation: the streamed numbers equal direct computations, tasks run end to end, the
+CLI writes its report and refuses bad input in one line."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans import TitansConfig, TitansLM
+from titans.cli import main as cli
+from titans.data.tokenizer import ByteTokenizer
+from titans.errors import TitansError
+from titans.evaluate import (
+    answer,
+    eval_position,
+    eval_ppl,
+    eval_text_task,
+    lambada_examples,
+    parse_lengths,
+    stream,
+)
+from titans.train import load_config, train
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = TitansConfig.from_preset("tiny", variant="mac", dim=32, n_layers=2, n_heads=2, segment_len=16,
+                                   window=16, n_persistent=2, mlp_hidden=64)
+    return TitansLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus_dir):
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    sets = {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 2, "model.segment_len": 16,
+            "model.window": 16, "model.n_persistent": 2, "model.mlp_hidden": 64, "data.dir": str(corpus_dir),
+            "data.seq_len": 32, "train.steps": 2, "train.batch_size": 2, "train.eval_windows": 2,
+            "train.progress": False, "train.tensorboard": False, "train.out": str(out)}
+    train(load_config(None, [f"{k}={v}" for k, v in sets.items()]), log=lambda *a: None)
+    return out
+
+
+def test_parse_lengths():
+    assert parse_lengths("1k,4k,16K,1m,300") == [1024, 4096, 16384, 1024 ** 2, 300]
+    for bad in ("", "1g", "k", "0"):
+        with pytest.raises(TitansError, match="--lengths"):
+            parse_lengths(bad)
+
+
+def test_streamed_losses_equal_one_forward_pass(model):
+    ids = torch.randint(0, 256, (100,))
+    logits, _ = model(ids[None])
+    direct = F.cross_entropy(logits[0, :-1], ids[1:], reduction="none")
+    last, _, streamed = stream(model, ids, piece=7, losses=True)
+    assert streamed.shape == (99,)
+    torch.testing.assert_close(streamed, direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_answer_equals_generate(model):
+    tok = ByteTokenizer()
+    prompt = "The pass key is 4821. What is the pass key?"
+    got = answer(model, tok, prompt, 12, piece=5)
+    ids = torch.tensor([tok.encode(prompt)])
+    ref = model.generate(ids, 12, temperature=0)[0, ids.shape[1]:].tolist()
+    if tok.eos_id in ref:
+        ref = ref[:ref.index(tok.eos_id)]
+    assert got == tok.decode(ref)
+
+
+def test_text_task_rows(model, corpus_dir):
+    from titans.evaluate import haystack_text
+
+    rows = eval_text_task(model, ByteTokenizer(), "niah_single_2", [300, 600], n_examples=2,
+                          haystack=haystack_text(corpus_dir), log=lambda *a: None)
+    assert [r["length"] for r in rows] == [300, 600]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["n"] == 2 and len(r["samples"]) == 2
+        assert all(s["answer"].strip().isdigit() for s in r["samples"])
+
+
+def test_ppl_matches_a_direct_computation(model, corpus_dir):
+    from titans.data.corpus import load_documents
+
+    tok = ByteTokenizer()
+    rows = eval_ppl(model, tok, corpus_dir, max_tokens=200, piece=64, log=lambda *a: None)
+    first = rows[0]
+    doc = next(d for d in load_documents(corpus_dir, "test") if d.id == first["document"])
+    ids = torch.tensor(tok.encode(doc.text)[:200])
+    logits, _ = model(ids[None])
+    nats = F.cross_entropy(logits[0, :-1], ids[1:], reduction="sum").item()
+    assert first["bpb"] == pytest.approx(nats / math.log(2) / len(bytes(ids[1:].tolist())), rel=1e-4)
+    assert rows[-1]["document"] == "ALL"
+
+
+def test_position_bins_cover_the_stream(model, corpus_dir):
+    rows = eval_position(model, ByteTokenizer(), corpus_dir, max_tokens=1000, piece=128, log=lambda *a: None)
+    assert [r["start"] for r in rows] == [2 ** b for b in range(len(rows))]
+    assert rows[-1]["end"] >= 999 and all(math.isfinite(r["bits_per_token"]) for r in rows)
+
+
+def test_lambada_examples_end_before_the_last_word():
+    text = ("It was a dark and stormy night, and the rain fell in torrents over the quiet little town "
+            "where nobody ever walked after dusk because of the wolves. ") * 30
+    tok = ByteTokenizer()
+    exs = lambada_examples(text, 5, 200, tok)
+    assert len(exs) == 5
+    for ctx, word in exs:
+        assert word in (" wolves", " dusk") or word.strip().isalpha()
+        assert (ctx + word) in text and len(tok.encode(ctx)) <= 200
+
+
+def test_eval_cli_writes_the_report(run_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = cli(["eval", "--checkpoint", str(run_dir), "--task", "niah,mqar,ppl", "--lengths", "256,512",
+                "--examples", "2", "--data", str(corpus_dir), "--max-tokens", "300", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    tasks = {r["task"] for r in result["rows"]}
+    assert {"niah_single_1", "niah_single_2", "niah_single_3", "mqar", "ppl"} <= tasks
+    md = (out / "result.md").read_text()
+    assert "| niah_single_1 |" in md and "bits per byte" in md
+    assert (out / "result.png").stat().st_size > 5000
+    assert str(out / "result.md") in capsys.readouterr().out
+
+
+def test_eval_cli_errors_are_one_line(run_dir, capsys):
+    assert cli(["eval", "--checkpoint", str(run_dir), "--task", "niha"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'niah'" in err[0]
+    assert cli(["eval", "--checkpoint", str(Path(run_dir) / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err

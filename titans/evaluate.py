@@ -1,0 +1,410 @@
+"""Evaluation on the model's streaming state: `titans eval --checkpoint PATH --task ... --lengths ...`.
+
+Every input is fed in pieces (`piece` tokens at a time) with the recurrent state carried between
+them, so a 1M-token haystack needs the memory of one piece plus the bounded state, never the whole
+sequence (full attention, the Transformer++ baseline, keeps its whole key/value cache: its memory
+grows with the length, as it should).
+
+Tasks
+  niah       S-NIAH-1/2/3 (pass-key in filler, number and UUID needles in held-out books), RULER style
+  babilong   bAbI QA1-QA5 facts scattered through held-out books
+  mqar       multi-query associative recall on token ids (Zoology)
+  ppl        bits per byte on the held-out documents
+  position   loss against position inside long held-out books (does the model use long context?)
+  lambada    last-word accuracy on passages of held-out books (a stand-in for LAMBADA)
+Accuracy tasks generate greedily after the prompt and score exact matches (titans.tasks.score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import TitansError
+
+TASK_GROUPS = {
+    "niah": ["niah_single_1", "niah_single_2", "niah_single_3"],
+    "niah_multi": ["niah_multikey", "niah_multivalue", "niah_multiquery"],
+    "babilong": [f"babilong_qa{i}" for i in range(1, 6)],
+}
+ALL_TASKS = ("niah", "niah_multi", "babilong", "mqar", "ppl", "position", "lambada")
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1k,4k,16k,1m' -> [1024, 4096, 16384, 1048576] (k = 1024, m = 1024**2; plain ints allowed)."""
+    out = []
+    for item in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", item)
+        if not m or int(m.group(1)) == 0:
+            raise TitansError(f"--lengths: {item.strip()!r} is not a length; use e.g. 1k,4k,16k,1m or 2048")
+        out.append(int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()])
+    return out
+
+
+def length_label(n: int) -> str:
+    if n % (1024 ** 2) == 0:
+        return f"{n // 1024 ** 2}M"
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+# ----------------------------------------------------------------------------- streaming primitives
+
+def _check_ids(model, ids) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("evaluate: the token sequence is empty")
+    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"evaluate: token ids must lie in [0, {model.config.vocab_size}); the tokenizer "
+                         "does not match the model")
+    return ids
+
+
+@torch.no_grad()
+def stream(model, ids, *, piece: int = 2048, state=None, losses: bool = False):
+    """Feed ids (a list or (T,) tensor) through the model in pieces, carrying the state.
+
+    Returns (logits of the last position (V,), state, per-token losses (T-1,) or None). The loss of
+    token t+1 is taken from the logits at t, across piece boundaries."""
+    ids = _check_ids(model, ids)
+    out_losses = [] if losses else None
+    prev = None
+    for start in range(0, ids.shape[1], piece):
+        chunk = ids[:, start:start + piece]
+        logits, state = model(chunk, state)
+        logits = logits.float()
+        if losses:
+            if prev is not None:
+                out_losses.append(F.cross_entropy(prev[None], chunk[0, :1], reduction="none"))
+            if chunk.shape[1] > 1:
+                out_losses.append(F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="none"))
+        prev = logits[0, -1]
+    return prev, state, (torch.cat(out_losses) if losses and out_losses else None)
+
+
+@torch.no_grad()
+def greedy_continue(model, logits, state, n_tokens: int, stop_ids=()) -> list[int]:
+    """n_tokens greedy tokens after `logits` (V,) on `state`, stopping early at a stop id."""
+    out = []
+    for _ in range(n_tokens):
+        nxt = int(logits.argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        logits, state = model(torch.tensor([[nxt]]), state)
+        logits = logits[0, -1].float()
+    return out
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int, *, piece: int = 2048) -> str:
+    """The model's greedy continuation of prompt (read on the streaming state)."""
+    logits, state, _ = stream(model, tokenizer.encode(prompt), piece=piece)
+    return tokenizer.decode(greedy_continue(model, logits, state, max_new_tokens, {tokenizer.eos_id}))
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def haystack_text(data_dir: str | Path) -> str:
+    """The held-out books of the corpus (test split), longest first, joined: the haystack for the
+    needle and BABILong tasks."""
+    from .data.corpus import CorpusError, load_documents
+
+    try:
+        docs = load_documents(data_dir, "test")
+    except CorpusError as e:
+        raise TitansError(str(e)) from None
+    if not docs:
+        raise TitansError(f"the corpus in {data_dir} has no test documents; rebuild it (titans data build)")
+    return "\n\n".join(d.text for d in sorted(docs, key=lambda d: -len(d.text)))
+
+
+def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_examples: int, haystack: str,
+                   seed: int = 0, piece: int = 2048, log=print) -> list[dict]:
+    """Accuracy of one text task (a name in titans.tasks.TASKS) at each length; depths are spread
+    evenly over the examples (RULER)."""
+    from .tasks import TASKS, score
+
+    if task not in TASKS:
+        raise TitansError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    rows = []
+    for length in lengths:
+        correct, t0 = 0, time.perf_counter()
+        samples = []
+        for i in range(n_examples):
+            depth = (i + 0.5) / n_examples
+            ex = TASKS[task](length, haystack=haystack, tokenizer=tokenizer, seed=seed + i, depth=depth)
+            n_answer = len(tokenizer.encode(ex.answer)) + 4
+            got = answer(model, tokenizer, ex.prompt, n_answer, piece=piece)
+            ok = score(ex, got)
+            correct += ok
+            if i < 3:
+                samples.append({"depth": round(depth, 3), "answer": ex.answer, "generated": got, "correct": ok})
+        rows.append({"task": task, "length": length, "accuracy": correct / n_examples, "n": n_examples,
+                     "seconds": time.perf_counter() - t0, "samples": samples})
+        log(f"{task:18s} {length_label(length):>6s}: {correct}/{n_examples} correct "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+@torch.no_grad()
+def eval_mqar(model, lengths: list[int], *, n_examples: int, n_pairs: int = 16, seed: int = 0,
+              piece: int = 2048, log=print) -> list[dict]:
+    """MQAR accuracy (argmax of the value after each queried key) at each sequence length."""
+    from .tasks import make_mqar
+
+    rows = []
+    for length in lengths:
+        inputs, targets = make_mqar(n_examples, length, n_pairs, vocab_size=model.config.vocab_size,
+                                    seed=seed)
+        hit = total = 0
+        for b in range(n_examples):
+            preds = []
+            state = None
+            for start in range(0, length, piece):
+                logits, state = model(inputs[b:b + 1, start:start + piece], state)
+                preds.append(logits[0].argmax(-1))
+            pred = torch.cat(preds)
+            mask = targets[b] != -100
+            hit += int((pred[mask] == targets[b][mask]).sum())
+            total += int(mask.sum())
+        rows.append({"task": "mqar", "length": length, "accuracy": hit / max(total, 1), "n": n_examples,
+                     "n_pairs": n_pairs})
+        log(f"mqar               {length_label(length):>6s}: {hit}/{total} values recalled")
+    return rows
+
+
+def _encode_docs(tokenizer, data_dir, max_tokens: int, min_tokens: int = 2):
+    from .data.corpus import load_documents
+
+    docs = load_documents(data_dir, "test")
+    out = []
+    for d in sorted(docs, key=lambda d: -len(d.text)):
+        ids = tokenizer.encode(d.text)[:max_tokens]
+        if len(ids) >= min_tokens:
+            out.append((d, ids))
+    return out
+
+
+def eval_ppl(model, tokenizer, data_dir, *, max_tokens: int, piece: int = 2048, log=print) -> list[dict]:
+    """Bits per byte of each held-out document (its first max_tokens tokens), streamed."""
+    rows, total_bits, total_bytes = [], 0.0, 0
+    for doc, ids in _encode_docs(tokenizer, data_dir, max_tokens):
+        _, _, losses = stream(model, ids, piece=piece, losses=True)
+        n_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8"))
+        bits = float(losses.sum()) / math.log(2)
+        total_bits += bits
+        total_bytes += n_bytes
+        rows.append({"task": "ppl", "document": doc.id, "tokens": len(ids), "bpb": bits / max(n_bytes, 1)})
+        log(f"ppl {doc.id:40s} {len(ids):>9,} tokens  {bits / max(n_bytes, 1):.4f} bits/byte")
+    rows.append({"task": "ppl", "document": "ALL", "tokens": sum(r["tokens"] for r in rows),
+                 "bpb": total_bits / max(total_bytes, 1)})
+    return rows
+
+
+def eval_position(model, tokenizer, data_dir, *, max_tokens: int, piece: int = 2048, log=print) -> list[dict]:
+    """Mean loss (bits per token) in log-spaced position bins inside the longest held-out books:
+    a falling curve means the model uses what it read long ago."""
+    sums: dict[int, list[float]] = {}
+    docs = [x for x in _encode_docs(tokenizer, data_dir, max_tokens) if len(x[1]) >= min(max_tokens, 4096)]
+    if not docs:
+        raise TitansError("position: no held-out document is long enough (4096 tokens)")
+    for doc, ids in docs[:4]:
+        _, _, losses = stream(model, ids, piece=piece, losses=True)
+        bins = np.floor(np.log2(np.arange(1, len(losses) + 1))).astype(int)  # [2^b, 2^(b+1))
+        for b in np.unique(bins):
+            sums.setdefault(int(b), []).append(float(losses[torch.from_numpy(bins == b)].mean()))
+        log(f"position: {doc.id} ({len(ids):,} tokens)")
+    return [{"task": "position", "start": 2 ** b, "end": 2 ** (b + 1), "bits_per_token":
+             float(np.mean(v)) / math.log(2), "documents": len(v)} for b, v in sorted(sums.items())]
+
+
+def lambada_examples(text: str, n: int, context_tokens: int, tokenizer, seed: int = 0) -> list[tuple[str, str]]:
+    """(context, last word) pairs: a passage ending just before the last word of a sentence that
+    is at least 4 words long; the word must be alphabetic and 3+ letters (LAMBADA-like)."""
+    rng = np.random.default_rng(seed)
+    ends = [m.start() for m in re.finditer(r"(?<=[a-z])[.!?](\s|$)", text)]
+    rng.shuffle(ends)
+    out = []
+    for end in ends:
+        m = re.search(r"\s([A-Za-z]{3,})$", text[max(0, end - 40):end])
+        if not m:
+            continue
+        word = m.group(1)
+        start_word = end - len(word)
+        ctx = text[max(0, start_word - context_tokens * 4):start_word]
+        ids = tokenizer.encode(ctx)[-context_tokens:]
+        ctx = tokenizer.decode(ids)
+        if len(ctx.split()) >= 20 and text[start_word - 1] == " ":
+            out.append((ctx.rstrip(" "), " " + word))
+        if len(out) == n:
+            break
+    return out
+
+
+def eval_lambada(model, tokenizer, data_dir, *, n_examples: int, context_tokens: int = 1024, seed: int = 0,
+                 piece: int = 2048, log=print) -> list[dict]:
+    """Greedy last-word accuracy on passages of held-out books."""
+    exs = lambada_examples(haystack_text(data_dir), n_examples, context_tokens, tokenizer, seed)
+    correct = 0
+    for ctx, word in exs:
+        got = answer(model, tokenizer, ctx, len(tokenizer.encode(word)) + 2, piece=piece)
+        correct += got.startswith(word) and not got[len(word):len(word) + 1].isalpha()
+    acc = correct / max(len(exs), 1)
+    log(f"lambada: {correct}/{len(exs)} last words right ({context_tokens}-token contexts)")
+    return [{"task": "lambada", "accuracy": acc, "n": len(exs), "context_tokens": context_tokens}]
+
+
+# ----------------------------------------------------------------------------- reports
+
+def write_report(result: dict, out_dir: Path) -> dict:
+    """result.json, result.md and a PNG (accuracy vs length and/or loss vs position)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    md = [f"# Evaluation of `{result['checkpoint']}`", "",
+          f"variant {result['variant']}, {result['parameters']:,} parameters, trained on "
+          f"{result['tokens_seen']:,} tokens; command: `{result['command']}`", ""]
+    acc = [r for r in rows if "length" in r]
+    if acc:
+        lengths = sorted({r["length"] for r in acc})
+        tasks = list(dict.fromkeys(r["task"] for r in acc))
+        md += ["| task | " + " | ".join(length_label(n) for n in lengths) + " |",
+               "|---|" + "---:|" * len(lengths)]
+        for t in tasks:
+            cells = {r["length"]: f"{100 * r['accuracy']:.0f}%" for r in acc if r["task"] == t}
+            md.append(f"| {t} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
+        md.append("")
+    for r in rows:
+        if r["task"] == "ppl" and r["document"] == "ALL":
+            md += [f"Held-out bits per byte (all test documents, first {result['max_tokens']:,} tokens "
+                   f"each): **{r['bpb']:.4f}**", ""]
+        if r["task"] == "lambada":
+            md += [f"Last-word accuracy: **{100 * r['accuracy']:.1f}%** of {r['n']} passages "
+                   f"({r['context_tokens']}-token contexts)", ""]
+    pos = [r for r in rows if r["task"] == "position"]
+    if pos:
+        md += ["| positions | bits/token |", "|---|---:|"]
+        md += [f"| {r['start']:,}–{r['end'] - 1:,} | {r['bits_per_token']:.3f} |" for r in pos] + [""]
+    (out_dir / "result.md").write_text("\n".join(md))
+    paths = {"json": str(out_dir / "result.json"), "md": str(out_dir / "result.md")}
+    panels = [p for p in (acc, pos) if p]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+        ax_i = 0
+        if acc:
+            ax = axes[0, ax_i]
+            for t in dict.fromkeys(r["task"] for r in acc):
+                pts = sorted((r["length"], r["accuracy"]) for r in acc if r["task"] == t)
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=t)
+            ax.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (%)", ylim=(-3, 103))
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            ax_i += 1
+        if pos:
+            ax = axes[0, ax_i]
+            ax.plot([r["start"] for r in pos], [r["bits_per_token"] for r in pos], "o-")
+            ax.set(xscale="log", xlabel="position in the book (tokens)", ylabel="bits per token")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{result['variant']} ({Path(result['checkpoint']).name})")
+        fig.tight_layout()
+        fig.savefig(out_dir / "result.png", dpi=110)
+        plt.close(fig)
+        paths["png"] = str(out_dir / "result.png")
+    return paths
+
+
+def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
+             n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
+             out_dir: str | Path | None = None, command: str = "", log=print) -> dict:
+    """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
+    report; returns {"rows": [...], "paths": {...}, ...}."""
+    from .checkpoint import open_checkpoint
+    from .checkpoint import load as load_checkpoint
+    from .model import count_parameters
+
+    if n_examples < 1 or max_tokens < 2 or piece < 1:
+        raise TitansError("--examples and --piece must be >= 1 and --max-tokens >= 2")
+    ckpt = open_checkpoint(checkpoint)
+    model, tokenizer = load_checkpoint(checkpoint)
+    torch.manual_seed(seed)
+    rows: list[dict] = []
+    haystack = None
+    for task in tasks:
+        names = TASK_GROUPS.get(task, [task])
+        if task in ("ppl", "position", "lambada", "mqar"):
+            names = []
+        for name in names:
+            haystack = haystack if haystack is not None else haystack_text(data_dir)
+            rows += eval_text_task(model, tokenizer, name, lengths, n_examples=n_examples, haystack=haystack,
+                                   seed=seed, piece=piece, log=log)
+        if task == "mqar":
+            rows += eval_mqar(model, lengths, n_examples=n_examples, seed=seed, piece=piece, log=log)
+        elif task == "ppl":
+            rows += eval_ppl(model, tokenizer, data_dir, max_tokens=max_tokens, piece=piece, log=log)
+        elif task == "position":
+            rows += eval_position(model, tokenizer, data_dir, max_tokens=max_tokens, piece=piece, log=log)
+        elif task == "lambada":
+            rows += eval_lambada(model, tokenizer, data_dir, n_examples=n_examples, seed=seed, piece=piece,
+                                 log=log)
+    result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
+              "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
+              "max_tokens": max_tokens, "command": command, "rows": rows}
+    out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
+    result["paths"] = write_report(result, out)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tasks import TASKS
+
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run folder (its latest checkpoint) or a checkpoints/step_* folder")
+    parser.add_argument("--task", default="niah", metavar="TASKS",
+                        help=f"comma-separated: {', '.join(ALL_TASKS)}, or single tasks "
+                             f"({', '.join(TASKS)}) (default: niah)")
+    parser.add_argument("--lengths", default="1k,4k", help="context lengths for niah / babilong / mqar, "
+                        "e.g. 1k,4k,16k,64k,1m (k = 1024; default: 1k,4k)")
+    parser.add_argument("--examples", type=int, default=10, metavar="N",
+                        help="examples per task and length (default: 10)")
+    parser.add_argument("--max-tokens", type=int, default=65536, metavar="N",
+                        help="ppl / position: tokens read from each held-out document (default: 65536)")
+    parser.add_argument("--data", default="data", metavar="DIR", help="corpus folder (default: data)")
+    parser.add_argument("--piece", type=int, default=2048, metavar="N",
+                        help="tokens fed per forward call on the streaming state (default: 2048)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .tasks import TASKS
+
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    for t in tasks:
+        if t not in ALL_TASKS and t not in TASKS:
+            import difflib
+
+            close = difflib.get_close_matches(t, [*ALL_TASKS, *TASKS], n=1)
+            raise TitansError(f"unknown task {t!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; choose from {', '.join(ALL_TASKS)}")
+    import shlex
+    import sys
+
+    command = "titans " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "titans eval"
+    result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
+                      n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
+                      out_dir=args.out, command=command)
+    print(Path(result["paths"]["md"]).read_text())
+    print("Wrote " + ", ".join(result["paths"].values()))
+    return 0
