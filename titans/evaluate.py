@@ -145,7 +145,8 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
             ok = score(ex, got)
             correct += ok
             if i < 3:
-                samples.append({"depth": round(depth, 3), "answer": ex.answer, "generated": got, "correct": ok})
+                samples.append({"depth": round(depth, 3), "answer": ex.answer, "generated": got,
+                                "correct": ok})
         rows.append({"task": task, "length": length, "accuracy": correct / n_examples, "n": n_examples,
                      "seconds": time.perf_counter() - t0, "samples": samples})
         log(f"{task:18s} {length_label(length):>6s}: {correct}/{n_examples} correct "
@@ -225,7 +226,8 @@ def eval_position(model, tokenizer, data_dir, *, max_tokens: int, piece: int = 2
              float(np.mean(v)) / math.log(2), "documents": len(v)} for b, v in sorted(sums.items())]
 
 
-def lambada_examples(text: str, n: int, context_tokens: int, tokenizer, seed: int = 0) -> list[tuple[str, str]]:
+def lambada_examples(text: str, n: int, context_tokens: int, tokenizer,
+                     seed: int = 0) -> list[tuple[str, str]]:
     """(context, last word) pairs: a passage ending just before the last word of a sentence that
     is at least 4 words long; the word must be alphabetic and 3+ letters (LAMBADA-like)."""
     rng = np.random.default_rng(seed)
@@ -330,8 +332,8 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
              out_dir: str | Path | None = None, command: str = "", log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}."""
-    from .checkpoint import open_checkpoint
     from .checkpoint import load as load_checkpoint
+    from .checkpoint import open_checkpoint
     from .model import count_parameters
 
     if n_examples < 1 or max_tokens < 2 or piece < 1:
