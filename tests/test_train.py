@@ -342,3 +342,43 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_dir
     assert open_checkpoint(two_dir).step == 4 and time.time() - t0 < 300
     summary = json.loads((two_dir / "summary.json").read_text())
     assert summary["tokens"] == 4 * 2 * 2 * 32
+
+
+# ----------------------------------------------------------------------------- task fine-tuning
+
+def test_task_mix_rows_score_only_the_answer_and_split_like_the_global_batch(corpus_dir):
+    from titans.data.corpus import load_documents
+    from titans.data.stream import TaskMix
+    from titans.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    hay = "\n\n".join(d.text for d in load_documents(corpus_dir, "train"))
+    mix = TaskMix(["niah_single_1", "niah_single_2"], hay, tok, 300, 0.5)
+    x = torch.zeros(4, 300, dtype=torch.long)
+    y = torch.zeros(4, 300, dtype=torch.long)
+    gx, gy = mix.apply(x, y, seed=0, step=3)
+    swapped = [i for i in range(4) if not torch.equal(gx[i], x[i])]
+    assert swapped and len(swapped) < 4  # about half the rows, for this seed
+    for i in swapped:
+        scored = gy[i] != -100
+        answer = tok.decode(gy[i][scored].tolist())
+        assert answer.strip().isdigit() and 5 <= len(answer.strip()) <= 7
+        assert scored[-1] and scored.sum() == len(answer)  # only the answer, at the end
+        prompt = tok.decode([t for t in gx[i].tolist() if t != tok.eos_id])
+        assert answer.strip() in prompt.split("Answer:")[0]  # the needle is in the context
+        assert torch.equal(gx[i][1:], gy[i][:-1].where(gy[i][:-1] != -100, gx[i][1:]))
+    # the same global batch split over 2 ranks or 2 micro-steps
+    halves = [mix.apply(x[:2], y[:2], seed=0, step=3, rank=r, world=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), gx)
+    micro = [mix.apply(x[:2], y[:2], seed=0, step=3, micro=m, accum=2)[0] for m in range(2)]
+    assert torch.equal(torch.cat(micro), gx)
+    with pytest.raises(TitansError, match="unknown task"):
+        TaskMix(["niah_single_9"], hay, tok, 300, 0.5)
+
+
+def test_training_on_tasks_runs(tmp_path, corpus_dir):
+    cfg = small_config(tmp_path, corpus_dir, **{"data.seq_len": 256, "data.tasks": "niah_single_1",
+                                                "data.task_mix": 1.0, "train.steps": 2, "train.eval_every": 2})
+    s = train(cfg, log=quiet)
+    assert s["steps"] == 2 and math.isfinite(s["val_loss"])
+    assert all(math.isfinite(v) for v in losses(s["run_dir"]).values())

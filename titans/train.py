@@ -53,6 +53,9 @@ class DataConfig:
     sources: str = "pypi"      # a group (pypi, all) or comma-separated source names
     tokenizer: str = "byte"    # byte | bpe8k | bpe32k | bpe<N>
     seq_len: int = 512
+    tasks: str = ""            # comma-separated titans.tasks names mixed into training (fine-tuning)
+    task_mix: float = 0.5      # fraction of rows that are task examples when tasks is set
+    task_loss: str = "answer"  # answer: score only the answer tokens of task rows; all: every token
 
 
 @dataclass
@@ -357,6 +360,14 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         if not main:
             tokenizer, splits = prepare(d.dir, d.sources, d.tokenizer, d.seq_len, log=say)
         model_cfg = cfg.model_config(tokenizer.vocab_size)
+        task_mix = None
+        if d.tasks:
+            from .data.corpus import load_documents
+            from .data.stream import TaskMix
+
+            haystack = "\n\n".join(doc.text for doc in load_documents(d.dir, "train"))
+            task_mix = TaskMix([n.strip() for n in d.tasks.split(",") if n.strip()], haystack, tokenizer,
+                               d.seq_len, d.task_mix, d.task_loss)
 
         ckpt = None
         if resume:
@@ -444,6 +455,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                 for micro in range(t.grad_accum):
                     x, y = train_batch(splits["train"], d.seq_len, t.batch_size, seed=t.seed, step=step,
                                        micro=micro, accum=t.grad_accum, rank=world.rank, world=world.size)
+                    if task_mix is not None:
+                        x, y = task_mix.apply(x, y, seed=t.seed, step=step, micro=micro, accum=t.grad_accum,
+                                              rank=world.rank, world=world.size)
                     x, y = x.to(device), y.to(device)
                     last = micro == t.grad_accum - 1
                     # DDP: all-reduce the gradients only on the last micro-step

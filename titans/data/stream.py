@@ -111,3 +111,60 @@ def evaluate_loss(model, split: Split, seq_len: int, n_windows: int, batch_size:
 
 def bits_per_byte(loss_nats: float, split: Split) -> float:
     return loss_nats / math.log(2) * split.bits_per_token_to_bpb
+
+
+class TaskMix:
+    """Replace a fraction of each global batch with generated task examples (titans.tasks: needles,
+    bAbI facts in book text), for fine-tuning on retrieval at the training length.
+
+    The haystack is the *train* split, never the held-out books the evaluation uses. Which rows of
+    the global batch are task rows, and each row's task, depth and seed, are drawn from (seed, step),
+    so resume and data parallelism stay exact. Each row is an example of seq_len + 1 tokens
+    (left-padded with the document separator); with loss "answer" only its answer tokens are
+    scored, with "all" every token is."""
+
+    def __init__(self, names: list[str], haystack: str, tokenizer, seq_len: int, fraction: float,
+                 loss: str = "answer"):
+        from ..tasks import TASKS
+
+        unknown = [n for n in names if n not in TASKS]
+        if unknown or not names:
+            raise TitansError(f"data.tasks: unknown task(s) {unknown or names}; choose from {', '.join(TASKS)}")
+        if not 0 < fraction <= 1:
+            raise TitansError(f"data.task_mix must lie in (0, 1], got {fraction}")
+        if loss not in ("answer", "all"):
+            raise TitansError(f"data.task_loss must be 'answer' or 'all', got {loss!r}")
+        self.makers = [TASKS[n] for n in names]
+        self.names, self.haystack, self.tokenizer = names, haystack, tokenizer
+        self.seq_len, self.fraction, self.loss = seq_len, fraction, loss
+
+    def example(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        make = self.makers[int(rng.integers(len(self.makers)))]
+        tok = self.tokenizer
+        ex = make(self.seq_len - 16, haystack=self.haystack, tokenizer=tok, seed=int(rng.integers(2 ** 31)),
+                  depth=float(rng.random()))
+        prompt, ans = tok.encode(ex.prompt), tok.encode(ex.answer)
+        ids = (prompt + ans)[-(self.seq_len + 1):]
+        pad = self.seq_len + 1 - len(ids)
+        ids = torch.tensor([tok.eos_id] * pad + ids)
+        y = ids[1:].clone()
+        if self.loss == "answer":
+            y[: len(y) - len(ans)] = -100
+        return ids[:-1], y
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, *, seed: int, step: int, micro: int = 0,
+              accum: int = 1, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Swap this rank's task rows of the global batch into (x, y) (batch_size, seq_len)."""
+        b = x.shape[0]
+        rng = np.random.default_rng([seed, step, 7])
+        total = b * accum * world
+        is_task = rng.random(total) < self.fraction
+        seeds = rng.integers(0, 2 ** 62, size=total)
+        block = micro * world + rank
+        x, y = x.clone(), y.clone()
+        for i in range(b):
+            j = block * b + i
+            if is_task[j]:
+                x[i], y[i] = self.example(int(seeds[j]))
+        return x, y
