@@ -377,8 +377,9 @@ def test_task_mix_rows_score_only_the_answer_and_split_like_the_global_batch(cor
 
 
 def test_training_on_tasks_runs(tmp_path, corpus_dir):
-    cfg = small_config(tmp_path, corpus_dir, **{"data.seq_len": 256, "data.tasks": "niah_single_1",
-                                                "data.task_mix": 1.0, "train.steps": 2, "train.eval_every": 2})
+    sets = {"data.seq_len": 256, "data.tasks": "niah_single_1", "data.task_mix": 1.0, "train.steps": 2,
+            "train.eval_every": 2}
+    cfg = small_config(tmp_path, corpus_dir, **sets)
     s = train(cfg, log=quiet)
     assert s["steps"] == 2 and math.isfinite(s["val_loss"])
     assert all(math.isfinite(v) for v in losses(s["run_dir"]).values())

@@ -129,7 +129,8 @@ class TaskMix:
 
         unknown = [n for n in names if n not in TASKS]
         if unknown or not names:
-            raise TitansError(f"data.tasks: unknown task(s) {unknown or names}; choose from {', '.join(TASKS)}")
+            raise TitansError(f"data.tasks: unknown task(s) {unknown or names}; "
+                              f"choose from {', '.join(TASKS)}")
         if not 0 < fraction <= 1:
             raise TitansError(f"data.task_mix must lie in (0, 1], got {fraction}")
         if loss not in ("answer", "all"):
