@@ -110,7 +110,7 @@ class MAC(nn.Module):
     def init_state(self, batch_size: int) -> MACState:
         mem = self.memory.init_state(batch_size)
         empty = self.attention.init_state(batch_size).k
-        read_conv = None if mem.conv is None else torch.zeros_like(mem.conv)
+        read_conv = None if mem.conv is None else mem.conv.new_zeros(*mem.conv.shape[:-1], self.memory.dim)
         return MACState(mem, mem.memory.weights, empty, empty, empty, empty, read_conv, 0)
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:

@@ -81,14 +81,17 @@ def check_sequence(owner: str, x: Tensor, dim: int) -> None:
 def conv_qkv(h: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int):
     """Projected inputs h (B, T, 3 dim) -> q, k, v (B, H, T, D) after causal conv + SiLU, with q and
     k L2-normalised per head; and the conv cache after h (None without a conv)."""
-    new_cache = None
-    if weight is not None:
-        if cache is None:
-            cache = h.new_zeros(h.shape[0], weight.shape[1] - 1, h.shape[2])
-        new_cache = conv_tail(h, cache)
-        h = causal_conv_silu(h, cache, weight)
-    else:
-        h = F.silu(h)
+    h, new_cache = conv_silu(h, weight, cache)
     B, T, _ = h.shape
     q, k, v = h.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
+
+
+def conv_silu(h: Tensor, weight: Tensor | None, cache: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """SiLU(causal depthwise conv(h)) for h (B, T, C) with the cache of the K-1 inputs before h
+    (zeros when None); returns the activations and the cache after h (None without a conv)."""
+    if weight is None:
+        return F.silu(h), None
+    if cache is None:
+        cache = h.new_zeros(h.shape[0], weight.shape[1] - 1, h.shape[2])
+    return causal_conv_silu(h, cache, weight), conv_tail(h, cache)

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .chunked import run_memory
-from .conv import check_sequence, conv_qkv
+from .conv import check_sequence, conv_qkv, conv_silu
 from .functional import MemoryState, memory_apply, no_autocast
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
@@ -189,7 +189,7 @@ class NeuralMemory(nn.Module):
                  conv_cache: Tensor | None = None) -> Tensor:
         """Read only: y_t = M_W(q_t) with the state's current weights W for every token of x
         (B, T, dim); nothing is written. The convolution sees `conv_cache` (the projected inputs
-        before x, (B, K-1, 3 dim)) or zeros."""
+        before x, (B, K-1, 3 dim) or only its q part (B, K-1, dim)) or zeros."""
         self._check(x, state)
         W = tuple(self.weights) if state is None else state.memory.weights
         return self.read(x, W, conv_cache)[0]
@@ -197,8 +197,13 @@ class NeuralMemory(nn.Module):
     def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_cache: Tensor | None = None
              ) -> tuple[Tensor, Tensor | None]:
         """`retrieve` with explicit memory weights ((H, ., .) or (B, H, ., .) per layer); also
-        returns the conv cache after x, for a read stream that continues (MAC)."""
-        q, _, _, new_cache = self._qkv(x, conv_cache)
+        returns the q-channel conv cache after x (B, K-1, dim), for a read stream that continues (MAC)."""
+        # a read needs q only: the q rows of the projection and of the conv (the first dim channels)
+        if conv_cache is not None and conv_cache.shape[-1] == 3 * self.dim:
+            conv_cache = conv_cache[..., :self.dim]
+        conv = None if self.conv is None else self.conv[:self.dim]
+        h, new_cache = conv_silu(F.linear(x, self.qkv.weight[:self.dim]), conv, conv_cache)
+        q = F.normalize(rearrange(h, "b t (h d) -> b h t d", h=self.heads), dim=-1)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731
         with no_autocast(x.device.type):
