@@ -383,3 +383,17 @@ def test_training_on_tasks_runs(tmp_path, corpus_dir):
     s = train(cfg, log=quiet)
     assert s["steps"] == 2 and math.isfinite(s["val_loss"])
     assert all(math.isfinite(v) for v in losses(s["run_dir"]).values())
+
+
+def test_init_from_starts_from_the_weights_not_the_optimizer(trained, tmp_path, corpus_dir):
+    from titans.checkpoint import load
+
+    cfg = small_config(tmp_path, corpus_dir, **{"train.init_from": str(trained), "train.steps": 1,
+                                                "optim.lr": 1e-12, "optim.warmup_steps": 0})
+    s = train(cfg, log=quiet)
+    base, new = load(trained)[0].state_dict(), load(s["run_dir"])[0].state_dict()
+    assert all(torch.allclose(base[k], new[k], atol=1e-6) for k in base)  # lr ~0: weights carried over
+    assert s["steps"] == 1  # the step count starts afresh
+    bad = small_config(tmp_path / "b", corpus_dir, **{"train.init_from": str(trained), "model.dim": 64})
+    with pytest.raises(TitansError, match="init_from.*differs"):
+        train(bad, log=quiet)

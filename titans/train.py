@@ -80,6 +80,7 @@ class RunConfig:
     bf16: bool = True          # bf16 autocast (CUDA only)
     compile: bool = False
     fsdp: bool = False         # FSDP2 instead of DDP when run on several processes
+    init_from: str = ""        # start from these weights (a run or checkpoint folder): fine-tuning
     eval_every: int = 200
     eval_windows: int = 32     # validation windows of seq_len tokens
     ckpt_every: int = 500
@@ -385,6 +386,18 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         model = TitansLM(model_cfg)
         if ckpt is not None:
             ckpt.load_weights(model)
+        elif t.init_from:  # fine-tuning: weights only; optimizer, schedule and data start afresh
+            base = open_checkpoint(t.init_from)
+            if base.config != model_cfg:
+                diff = [f"{k}: {v} -> {getattr(model_cfg, k)}" for k, v in base.config.to_dict().items()
+                        if getattr(model_cfg, k) != v]
+                raise TitansError(f"train.init_from {base.path}: its model config differs "
+                                  f"({'; '.join(diff)})")
+            if base.meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+                raise TitansError(f"train.init_from {base.path}: trained with another tokenizer "
+                                  f"({base.meta['tokenizer']['name']!r})")
+            base.load_weights(model)
+            say(f"initialised from {base.path} (step {base.step})")
         model.to(device)
         n_params = count_parameters(model)
         if t.fsdp and world.size > 1:  # FSDP2 swaps in sharded parameters: build the optimizer after
