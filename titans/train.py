@@ -338,6 +338,10 @@ class _Metrics:
             self.tb.close()
 
 
+def _config_diff(old: TitansConfig, new: TitansConfig) -> str:
+    return "; ".join(f"{k}: {v} -> {getattr(new, k)}" for k, v in old.to_dict().items() if getattr(new, k) != v)
+
+
 def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> dict:
     """Train as configured; returns a summary (final validation loss and bits per byte, tokens,
     steps, wall time, run folder, last checkpoint, and whether a signal stopped the run)."""
@@ -378,9 +382,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                                   f"{ckpt.meta['tokenizer']['name']!r}, this config gives {tokenizer.name!r} "
                                   "with a different vocabulary; use the same data.tokenizer and data.dir")
             if ckpt.config != model_cfg:
-                diff = [f"{k}: {v} -> {getattr(model_cfg, k)}" for k, v in ckpt.config.to_dict().items()
-                        if getattr(model_cfg, k) != v]
-                raise TitansError(f"cannot resume {ckpt.path}: the model config changed ({'; '.join(diff)})")
+                raise TitansError(f"cannot resume {ckpt.path}: the model config changed "
+                                  f"({_config_diff(ckpt.config, model_cfg)})")
 
         torch.manual_seed(t.seed)
         model = TitansLM(model_cfg)
@@ -389,10 +392,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         elif t.init_from:  # fine-tuning: weights only; optimizer, schedule and data start afresh
             base = open_checkpoint(t.init_from)
             if base.config != model_cfg:
-                diff = [f"{k}: {v} -> {getattr(model_cfg, k)}" for k, v in base.config.to_dict().items()
-                        if getattr(model_cfg, k) != v]
                 raise TitansError(f"train.init_from {base.path}: its model config differs "
-                                  f"({'; '.join(diff)})")
+                                  f"({_config_diff(base.config, model_cfg)})")
             if base.meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
                 raise TitansError(f"train.init_from {base.path}: trained with another tokenizer "
                                   f"({base.meta['tokenizer']['name']!r})")
