@@ -339,7 +339,8 @@ class _Metrics:
 
 
 def _config_diff(old: TitansConfig, new: TitansConfig) -> str:
-    return "; ".join(f"{k}: {v} -> {getattr(new, k)}" for k, v in old.to_dict().items() if getattr(new, k) != v)
+    return "; ".join(f"{k}: {v} -> {getattr(new, k)}" for k, v in old.to_dict().items()
+                     if getattr(new, k) != v)
 
 
 def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> dict:
