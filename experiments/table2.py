@@ -1,0 +1,99 @@
+"""Table-2 analog at CPU scale: S-NIAH-1/2/3 accuracy at 1x, 4x, 16x and 64x the training length, for
+models fine-tuned on needle tasks at the training length (<= 2K tokens).
+
+Each model starts from its Table-1 checkpoint (experiments/table1.py, same variant and seed),
+is fine-tuned on generated needle examples from the *train* split (data.tasks, answer tokens
+scored), then evaluated on needles hidden in the held-out books, streamed on its state:
+
+    python experiments/table2.py --variants mac,transformer,swa,gated_deltanet --seeds 0 \
+        --seq-len 1024 --steps 300 --lengths 1k,4k,16k,64k --examples 10
+
+Resumable like table1.py. Checkpoints in out/table2/, numbers in results/table2/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+TASKS = "niah_single_1,niah_single_2,niah_single_3"
+
+
+def config(variant: str, seed: int, args, out: Path):
+    from titans.train import config_from_dict
+
+    return config_from_dict({
+        "model": {"preset": "tiny", "variant": variant},
+        "data": {"dir": args.data, "sources": "pypi", "tokenizer": "byte", "seq_len": args.seq_len,
+                 "tasks": TASKS, "task_mix": 1.0, "task_loss": "answer"},
+        "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
+        "train": {"steps": args.steps, "batch_size": args.batch_size, "seed": seed, "eval_every": args.steps,
+                  "eval_windows": 16, "ckpt_every": args.steps, "keep_last": 1, "out": str(out),
+                  "tensorboard": False, "progress": False, "log_every": 25,
+                  "init_from": str(Path(args.table1_runs) / f"{variant}-s{seed}")},
+    }, source="table2")
+
+
+def main() -> int:
+    from titans.evaluate import evaluate, parse_lengths
+    from titans.train import train
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["mac", "transformer", "swa",
+                                                                      "gated_deltanet"])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lengths", default="1k,4k,16k,64k")
+    p.add_argument("--examples", type=int, default=10)
+    p.add_argument("--data", default="data")
+    p.add_argument("--table1-runs", default="out/table1")
+    p.add_argument("--runs", default="out/table2")
+    p.add_argument("--out", default="results/table2")
+    args = p.parse_args()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    lengths = parse_lengths(args.lengths)
+    for seed in args.seeds:
+        for variant in args.variants:
+            name = f"{variant}-s{seed}"
+            if (root / f"{name}.json").exists():
+                continue
+            run = Path(args.runs) / name
+            print(f"== {name}: fine-tune on {TASKS} at {args.seq_len} tokens", flush=True)
+            summary = train(config(variant, seed, args, run), log=lambda m: print(m, flush=True))
+            result = evaluate(run, ["niah"], lengths, data_dir=args.data, n_examples=args.examples,
+                              seed=1000 + seed, out_dir=run / "eval", command="experiments/table2.py",
+                              log=lambda m: print(m, flush=True))
+            (root / f"{name}.json").write_text(json.dumps({"variant": variant, "seed": seed, "train": summary,
+                                                           "rows": result["rows"]}, indent=1))
+    print(table(root, lengths))
+    return 0
+
+
+def table(root: Path, lengths: list[int]) -> str:
+    from titans.evaluate import length_label
+
+    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*-s*.json"))]
+    lines = ["| variant | task | " + " | ".join(length_label(n) for n in lengths) + " |",
+             "|---|---|" + "---:|" * len(lengths)]
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        for task in TASKS.split(","):
+            cells = []
+            for n in lengths:
+                accs = [row["accuracy"] for r in runs if r["variant"] == variant for row in r["rows"]
+                        if row["task"] == task and row["length"] == n]
+                cells.append(f"{100 * statistics.mean(accs):.0f}%" if accs else "")
+            lines.append(f"| {variant} | {task} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (root / "table.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
