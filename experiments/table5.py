@@ -1,0 +1,84 @@
+"""Table-5 analog (ablations) at CPU scale: the tiny MAC with one component changed at a time, at
+the same token budget as experiments/table1.py (its `mac` runs are the reference row).
+
+    python experiments/table5.py --steps 200 --seeds 0,1
+
+Checkpoints in out/table5/, numbers in results/table5/ (RUN.json, table.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table1 import _mean_sd, config  # noqa: E402  (same settings as Table 1)
+
+ABLATIONS = {  # name: TitansConfig overrides of the tiny MAC
+    "linear memory (depth 1)": {"memory_depth": 1},
+    "memory depth 3": {"memory_depth": 3},
+    "memory depth 4": {"memory_depth": 4},
+    "no conv": {"conv": False},
+    "no momentum": {"momentum": False},
+    "no forgetting": {"forgetting": False},
+    "no persistent memory": {"n_persistent": 0},
+}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def main() -> int:
+    from titans.checkpoint import load
+    from titans.evaluate import eval_ppl
+    from titans.train import train
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--data", default="data")
+    p.add_argument("--test-tokens", type=int, default=8192)
+    p.add_argument("--runs", default="out/table5")
+    p.add_argument("--out", default="results/table5")
+    p.add_argument("--table1", default="results/table1", help="where the reference mac runs are")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    for seed in [] if args.table_only else args.seeds:
+        for name, overrides in ABLATIONS.items():
+            run_name = f"{slug(name)}-s{seed}"
+            if (root / f"{run_name}.json").exists():
+                continue
+            run = Path(args.runs) / run_name
+            print(f"== {name} seed {seed}", flush=True)
+            cfg = config("mac", seed, args.steps, run, args.data)
+            cfg.model.update(overrides)
+            s = train(cfg, log=lambda m: print(m, flush=True))
+            model, tok = load(run)
+            ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)
+            s["test_bpb"] = ppl[-1]["bpb"]
+            s.update(seed=seed, ablation=name)
+            (root / f"{run_name}.json").write_text(json.dumps(s, indent=1))
+            print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}", flush=True)
+    reference = sorted(Path(args.table1).glob("mac-s*.json"))
+    rows = {"MAC (reference, Table 1)": [json.loads(p.read_text()) for p in reference]}
+    for name in ABLATIONS:
+        rows[name] = [json.loads(p.read_text()) for p in sorted(root.glob(f"{slug(name)}-s*.json"))]
+    lines = ["| model | parameters | seeds | val bits/byte | held-out test bits/byte |",
+             "|---|---:|---:|---:|---:|"]
+    for name, rs in rows.items():
+        if rs:
+            lines.append(f"| {name} | {rs[0]['parameters']:,} | {len(rs)} "
+                         f"| {_mean_sd([r['val_bpb'] for r in rs])} | {_mean_sd([r['test_bpb'] for r in rs])} |")
+    text = "\n".join(lines) + "\n"
+    (root / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
