@@ -72,8 +72,8 @@ def main() -> int:
              "|---|---:|---:|---:|---:|"]
     for name, rs in rows.items():
         if rs:
-            lines.append(f"| {name} | {rs[0]['parameters']:,} | {len(rs)} "
-                         f"| {_mean_sd([r['val_bpb'] for r in rs])} | {_mean_sd([r['test_bpb'] for r in rs])} |")
+            val, test = _mean_sd([r["val_bpb"] for r in rs]), _mean_sd([r["test_bpb"] for r in rs])
+            lines.append(f"| {name} | {rs[0]['parameters']:,} | {len(rs)} | {val} | {test} |")
     text = "\n".join(lines) + "\n"
     (root / "table.md").write_text(text)
     print(text)
