@@ -70,14 +70,13 @@ def table(args) -> str:
     root = Path(args.out)
     rows = [json.loads(p.read_text()) for p in sorted(root.glob("*-s*.json"))]
     lines = ["| variant | parameters | seeds | tokens/run | val bits/byte (mean ± sd) "
-             "| held-out test bits/byte (mean ± sd) | train tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| held-out test bits/byte (mean ± sd) |", "|---|---:|---:|---:|---:|---:|"]
     for v in VARIANTS:
         rs = [r for r in rows if r["variant"] == v]
         if not rs:
             continue
         lines.append(f"| {v} | {rs[0]['parameters']:,} | {len(rs)} | {rs[0]['tokens']:,} "
-                     f"| {_mean_sd([r['val_bpb'] for r in rs])} | {_mean_sd([r['test_bpb'] for r in rs])} "
-                     f"| {statistics.median(r['tok_per_s'] for r in rs):,.0f} |")
+                     f"| {_mean_sd([r['val_bpb'] for r in rs])} | {_mean_sd([r['test_bpb'] for r in rs])} |")
     text = "\n".join(lines) + "\n"
     (root / "table.md").write_text(text)
     with open(root / "runs.jsonl", "w") as f:

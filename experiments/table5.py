@@ -45,13 +45,15 @@ def main() -> int:
     p.add_argument("--out", default="results/table5")
     p.add_argument("--table1", default="results/table1", help="where the reference mac runs are")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="SLUGS",
+                   help="run only these ablations (their file-name slugs, e.g. no_conv,no_momentum)")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     for seed in [] if args.table_only else args.seeds:
         for name, overrides in ABLATIONS.items():
             run_name = f"{slug(name)}-s{seed}"
-            if (root / f"{run_name}.json").exists():
+            if (root / f"{run_name}.json").exists() or (args.only and slug(name) not in args.only):
                 continue
             run = Path(args.runs) / run_name
             print(f"== {name} seed {seed}", flush=True)
