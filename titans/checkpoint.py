@@ -159,6 +159,13 @@ class Checkpoint:
             raise TitansError(f"checkpoint {self.path}/model.safetensors is corrupt or does not fit the "
                               f"model in config.json ({msg})") from None
 
+    def load_model(self, device: str | torch.device = "cpu"):
+        """(model in eval mode on device, tokenizer)."""
+        tokenizer = self.tokenizer()
+        model = TitansLM(self.config)
+        self.load_weights(model)
+        return model.to(device).eval(), tokenizer
+
     def trainer_state(self) -> dict:
         try:
             return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=False)
@@ -183,8 +190,4 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def load(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from any checkpoint the trainer wrote: a run folder (its latest
     checkpoint) or a checkpoints/step_* folder. The model is in eval mode on `device`."""
-    ckpt = open_checkpoint(path)
-    tokenizer = ckpt.tokenizer()
-    model = TitansLM(ckpt.config)
-    ckpt.load_weights(model)
-    return model.to(device).eval(), tokenizer
+    return open_checkpoint(path).load_model(device)

@@ -13,6 +13,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default: 0)")
 
-    train = _sub(sub, "train", "train a model from a YAML config", TRAIN_DESCRIPTION, _run_train)
+    train = _sub(sub, "train", "train a model from a YAML config", TRAIN_DESCRIPTION, _lazy_run("train"))
     from .train import add_arguments
     add_arguments(train)
 
@@ -118,14 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_arguments as add_eval_arguments
 
     ev = _sub(sub, "eval", "accuracy on needles / BABILong / MQAR, held-out bits per byte, loss by position",
-              eval_doc, _run_eval)
+              eval_doc, _lazy_run("evaluate"))
     add_eval_arguments(ev)
 
     from .inspect import __doc__ as inspect_doc
     from .inspect import add_arguments as add_inspect_arguments
 
     ins = _sub(sub, "inspect", "the memory at work on a document: surprise, gates, recall (PNG + HTML)",
-               inspect_doc, _run_inspect)
+               inspect_doc, _lazy_run("inspect"))
     add_inspect_arguments(ins)
 
     sample = _sub(sub, "sample", "generate text from a checkpoint", SAMPLE_DESCRIPTION, _run_sample)
@@ -176,22 +177,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from .train import run
-
-    return run(args)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run
-
-    return run(args)
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
-    from .inspect import run
-
-    return run(args)
+def _lazy_run(module: str):
+    """The `run(args)` of titans.<module>, imported only when its command runs."""
+    return lambda args: importlib.import_module(f"titans.{module}").run(args)
 
 
 def _run_sample(args: argparse.Namespace) -> int:

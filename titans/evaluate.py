@@ -332,14 +332,13 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
              out_dir: str | Path | None = None, command: str = "", log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}."""
-    from .checkpoint import load as load_checkpoint
     from .checkpoint import open_checkpoint
     from .model import count_parameters
 
     if n_examples < 1 or max_tokens < 2 or piece < 1:
         raise TitansError("--examples and --piece must be >= 1 and --max-tokens >= 2")
     ckpt = open_checkpoint(checkpoint)
-    model, tokenizer = load_checkpoint(checkpoint)
+    model, tokenizer = ckpt.load_model()
     torch.manual_seed(seed)
     rows: list[dict] = []
     haystack = None
