@@ -8,6 +8,11 @@ scored), then evaluated on needles hidden in the held-out books, streamed on its
     python experiments/table2.py --variants mac,transformer,swa,gated_deltanet --seeds 0 \
         --seq-len 1024 --steps 300 --lengths 1k,4k,16k,64k --examples 10
 
+The BABILong analog is the same pipeline with `--suite babilong` (fine-tune on generated bAbI
+QA1-QA5 examples, evaluate QA1-QA5 at each length); its defaults are out/babilong and results/babilong:
+
+    python experiments/table2.py --suite babilong --variants mac --lengths 1k,4k,16k,64k,256k,1m
+
 Resumable like table1.py. Checkpoints in out/table2/, numbers in results/table2/.
 """
 
@@ -19,7 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
-TASKS = "niah_single_1,niah_single_2,niah_single_3"
+SUITES = {"niah": "niah_single_1,niah_single_2,niah_single_3",
+          "babilong": ",".join(f"babilong_qa{qa}" for qa in range(1, 6))}
 
 
 def config(variant: str, seed: int, args, out: Path):
@@ -28,7 +34,7 @@ def config(variant: str, seed: int, args, out: Path):
     return config_from_dict({
         "model": {"preset": "tiny", "variant": variant},
         "data": {"dir": args.data, "sources": "pypi", "tokenizer": "byte", "seq_len": args.seq_len,
-                 "tasks": TASKS, "task_mix": 1.0, "task_loss": "answer"},
+                 "tasks": SUITES[args.suite], "task_mix": 1.0, "task_loss": "answer"},
         "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "seed": seed, "eval_every": args.steps,
                   "eval_windows": 16, "ckpt_every": args.steps, "keep_last": 1, "out": str(out),
@@ -42,6 +48,8 @@ def main() -> int:
     from titans.train import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), default="niah",
+                   help="needle tasks (Table 2) or bAbI QA1-QA5 in books (BABILong)")
     p.add_argument("--variants", type=lambda s: s.split(","), default=["mac", "transformer", "swa",
                                                                       "gated_deltanet"])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
@@ -53,9 +61,13 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=10)
     p.add_argument("--data", default="data")
     p.add_argument("--table1-runs", default="out/table1")
-    p.add_argument("--runs", default="out/table2")
-    p.add_argument("--out", default="results/table2")
+    p.add_argument("--runs", default=None, help="run folders (default out/table2 or out/babilong)")
+    p.add_argument("--out", default=None, help="results (default results/table2 or results/babilong)")
     args = p.parse_args()
+    default = "table2" if args.suite == "niah" else "babilong"
+    args.runs = args.runs or f"out/{default}"
+    args.out = args.out or f"results/{default}"
+    tasks = SUITES[args.suite]
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     lengths = parse_lengths(args.lengths)
@@ -65,25 +77,25 @@ def main() -> int:
             if (root / f"{name}.json").exists():
                 continue
             run = Path(args.runs) / name
-            print(f"== {name}: fine-tune on {TASKS} at {args.seq_len} tokens", flush=True)
+            print(f"== {name}: fine-tune on {tasks} at {args.seq_len} tokens", flush=True)
             summary = train(config(variant, seed, args, run), log=lambda m: print(m, flush=True))
-            result = evaluate(run, ["niah"], lengths, data_dir=args.data, n_examples=args.examples,
+            result = evaluate(run, [args.suite], lengths, data_dir=args.data, n_examples=args.examples,
                               seed=1000 + seed, out_dir=run / "eval", command="experiments/table2.py",
                               log=lambda m: print(m, flush=True))
             (root / f"{name}.json").write_text(json.dumps({"variant": variant, "seed": seed, "train": summary,
                                                            "rows": result["rows"]}, indent=1))
-    print(table(root, lengths))
+    print(table(root, lengths, tasks.split(",")))
     return 0
 
 
-def table(root: Path, lengths: list[int]) -> str:
+def table(root: Path, lengths: list[int], tasks: list[str]) -> str:
     from titans.evaluate import length_label
 
     runs = [json.loads(p.read_text()) for p in sorted(root.glob("*-s*.json"))]
     lines = ["| variant | task | " + " | ".join(length_label(n) for n in lengths) + " |",
              "|---|---|" + "---:|" * len(lengths)]
     for variant in dict.fromkeys(r["variant"] for r in runs):
-        for task in TASKS.split(","):
+        for task in tasks:
             cells = []
             for n in lengths:
                 accs = [row["accuracy"] for r in runs if r["variant"] == variant for row in r["rows"]

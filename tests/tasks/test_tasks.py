@@ -179,6 +179,25 @@ def test_lengths_with_other_tokenizers():
     assert 8000 - TOLERANCE <= len(bpe.encode(ex.prompt)) == ex.meta["length_tokens"] <= 8000
 
 
+def _padded_verse() -> str:
+    """Verse whose every 10th line ends in a long run of spaces and a line number, as in the
+    Paradise Lost text: a word-boundary cut inside the run loses the whole run, so from some start
+    offsets no cut lands within the tolerance of the target length."""
+    words = HAYSTACK.split()
+    lines = [" ".join(words[(7 * i) % len(words):(7 * i) % len(words) + 6]) for i in range(2000)]
+    return "\n".join(line + (" " * 70 + str(i + 1) if (i + 1) % 10 == 0 else "")
+                     for i, line in enumerate(lines))
+
+
+def test_fitting_moves_its_start_when_a_padded_line_skips_the_target():
+    verse = _padded_verse()
+    for seed in range(60):
+        ex = make_niah("single_2", 1008, (seed % 10) / 10, haystack=verse, seed=seed)
+        assert 1008 - TOLERANCE <= n_bytes(ex) <= 1008, (seed, n_bytes(ex))
+        start = ex.meta["haystack_offset"]
+        assert ex.context[:20] == verse[start:start + 20] or ex.context.startswith(ex.meta["needles"][0])
+
+
 def test_a_long_enough_haystack_is_not_cycled():
     ex = make_niah("single_2", 1000, 0.5, haystack=HAYSTACK, seed=4)
     assert not ex.meta["haystack_cycled"] and ex.meta["haystack_passes"] < 1

@@ -18,6 +18,7 @@ from titans.data.tokenizer import Tokenizer
 
 TOLERANCE = 32  # tokens: a fitted prompt has length - TOLERANCE <= n <= length tokens
 _MAX_FITS = 8  # re-fits of the filler length; bytes converge in 1-2, BPE in 2-3
+_MAX_STARTS = 4  # start offsets tried when one start's word boundaries skip the target window
 
 # An insertion point: the first character after sentence-ending punctuation (and closing quotes)
 # plus whitespace, or the first non-blank character of a line. Both follow whitespace, so an
@@ -122,6 +123,33 @@ def fit_context(haystack: str, length: int, sentences: list[str], depths: list[f
     offset = nearest_boundary(source, int(start * (room if room > 0 else len(source))))
 
     best = None
+    for move in range(_MAX_STARTS):
+        if move:
+            # this start's word boundaries skip over the target window (e.g. a line padded with a
+            # long run of spaces): read from the next sentence start instead
+            offset = nearest_boundary(source, (offset + 64 + 211 * move) % len(source))
+        fit, n = _fit_from(source, joiner, offset, n_chars, length, sentences, depths, question,
+                           tokenizer=tokenizer, keep_order=keep_order)
+        if fit is not None and (best is None or fit[0] > best[0]):
+            best = (*fit, offset)
+        if best is not None and best[0] >= length - TOLERANCE:
+            break
+    if best is None or best[0] < length - max(TOLERANCE, length // 100):
+        raise RuntimeError(f"could not fit the context to {length} tokens (last try: {n}); the tokenizer's "
+                           f"token counts are far from additive over this text")
+    n, context, offsets, filler_chars, offset = best
+    meta = {"length_tokens": n, "length_target": length, "haystack_offset": lead + offset,
+            "haystack_chars": len(source), "haystack_cycled": offset + filler_chars > len(source),
+            "haystack_passes": round(filler_chars / len(source), 3)}
+    return context, offsets, meta
+
+
+def _fit_from(source: str, joiner: str, offset: int, n_chars: int, length: int, sentences: list[str],
+              depths: list[float], question: str, *, tokenizer: Tokenizer, keep_order: bool):
+    """Re-fit the filler length read from `offset` up to _MAX_FITS times. Returns (best, n): best is
+    (tokens, context, offsets, filler chars) of the longest fit within `length`, or None; n is the
+    last try's token count."""
+    best = None
     for _ in range(_MAX_FITS):
         filler = _filler(source, joiner, offset, n_chars)
         positions = [nearest_boundary(filler, round(d * len(filler))) for d in depths]
@@ -137,11 +165,4 @@ def fit_context(haystack: str, length: int, sentences: list[str], depths: list[f
             break
         # aim a little below the target: the word-boundary cut only ever shortens
         n_chars = max(0, n_chars + round((length - TOLERANCE // 4 - n) * len(context + question) / max(n, 1)))
-    if best is None or best[0] < length - max(TOLERANCE, length // 100):
-        raise RuntimeError(f"could not fit the context to {length} tokens (last try: {n}); the tokenizer's "
-                           f"token counts are far from additive over this text")
-    n, context, offsets, filler_chars = best
-    meta = {"length_tokens": n, "length_target": length, "haystack_offset": lead + offset,
-            "haystack_chars": len(source), "haystack_cycled": offset + filler_chars > len(source),
-            "haystack_passes": round(filler_chars / len(source), 3)}
-    return context, offsets, meta
+    return best, n
