@@ -41,12 +41,20 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
     no_prefix = prefix_k is None or prefix_k.shape[2] == 0
     if window is None and no_prefix and k.shape[2] == Tq:  # plain causal: the fused O(T)-memory kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # split, not slice: the backward of a slice writes into a zero tensor of the input's full
+    # size, once per block, which made long inputs quadratic. Keys come in blocks of the same size;
+    # a query block takes the key blocks that cover its range.
+    k_blocks, v_blocks = k.split(QUERY_BLOCK, dim=2), v.split(QUERY_BLOCK, dim=2)
     outs = []
-    for s in range(0, Tq, QUERY_BLOCK):
-        qb, qp = q[:, :, s:s + QUERY_BLOCK], q_pos[s:s + QUERY_BLOCK]
+    for i, qb in enumerate(q.split(QUERY_BLOCK, dim=2)):
+        qp = q_pos[i * QUERY_BLOCK:i * QUERY_BLOCK + qb.shape[2]]
         lo = 0 if window is None else int(torch.searchsorted(k_pos, qp[0] - window + 1))
         hi = int(torch.searchsorted(k_pos, qp[-1], right=True))
-        kb, vb, kp = k[:, :, lo:hi], v[:, :, lo:hi], k_pos[lo:hi]
+        first, last = lo // QUERY_BLOCK, (hi - 1) // QUERY_BLOCK
+        off = first * QUERY_BLOCK
+        kb, vb = (blocks[first] if first == last else torch.cat(blocks[first:last + 1], dim=2)
+                  for blocks in (k_blocks, v_blocks))
+        kb, vb, kp = kb[:, :, lo - off:hi - off], vb[:, :, lo - off:hi - off], k_pos[lo:hi]
         mask = kp[None, :] <= qp[:, None]
         if window is not None:
             mask &= qp[:, None] - kp[None, :] < window

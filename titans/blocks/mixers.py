@@ -115,21 +115,26 @@ class MAC(nn.Module):
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
         state = self.init_state(x.shape[0]) if state is None else state
-        outs, t = [], 0
-        while t < x.shape[1]:  # split the piece at segment boundaries
-            room = self.segment_len - state.position % self.segment_len
-            o, state = self._segment_piece(x[:, t:t + room], state)
+        # split the piece at segment boundaries (split, not slices: a slice's backward writes a
+        # zero tensor of x's full size per segment, quadratic in T)
+        first = min(x.shape[1], self.segment_len - state.position % self.segment_len)
+        sizes = [first] + [self.segment_len] * ((x.shape[1] - first) // self.segment_len)
+        if sum(sizes) < x.shape[1]:
+            sizes.append(x.shape[1] - sum(sizes))
+        read = self.memory.read_projection()  # sliced once, not per segment (same reason)
+        outs = []
+        for piece in x.split(sizes, dim=1):
+            o, state = self._segment_piece(piece, state, read)
             outs.append(o)
-            t += room
         return torch.cat(outs, dim=1), state
 
-    def _segment_piece(self, x: Tensor, st: MACState) -> tuple[Tensor, MACState]:
-        """Tokens x (B, T, dim) that all lie in one segment."""
+    def _segment_piece(self, x: Tensor, st: MACState, read) -> tuple[Tensor, MACState]:
+        """Tokens x (B, T, dim) that all lie in one segment; read: `NeuralMemory.read_projection()`."""
         B, T, _ = x.shape
         attn = self.attention
         pos = torch.arange(st.position, st.position + T, device=x.device)
         # 1. read: memory tokens from the state before the segment (no write)
-        h, read_conv = self.memory.read(x, st.segment_weights, st.read_conv)
+        h, read_conv = self.memory.read(x, st.segment_weights, st.read_conv, projection=read)
         # 2. attend over [P || h || S]
         q, k_s, v_s = attn.project(x, pos)
         _, k_h, v_h = attn.project(h, pos)

@@ -194,15 +194,20 @@ class NeuralMemory(nn.Module):
         W = tuple(self.weights) if state is None else state.memory.weights
         return self.read(x, W, conv_cache)[0]
 
-    def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_cache: Tensor | None = None
-             ) -> tuple[Tensor, Tensor | None]:
+    def read_projection(self) -> tuple[Tensor, Tensor | None]:
+        """The q rows of the projection and of the conv (the first dim channels): all a read needs.
+        A caller that reads many pieces takes them once and passes them to `read`."""
+        return self.qkv.weight[:self.dim], None if self.conv is None else self.conv[:self.dim]
+
+    def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_cache: Tensor | None = None, *,
+             projection: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
         """`retrieve` with explicit memory weights ((H, ., .) or (B, H, ., .) per layer); also
-        returns the q-channel conv cache after x (B, K-1, dim), for a read stream that continues (MAC)."""
-        # a read needs q only: the q rows of the projection and of the conv (the first dim channels)
+        returns the q-channel conv cache after x (B, K-1, dim), for a read stream that continues (MAC).
+        projection: `read_projection()`, when the caller has it already."""
         if conv_cache is not None and conv_cache.shape[-1] == 3 * self.dim:
             conv_cache = conv_cache[..., :self.dim]
-        conv = None if self.conv is None else self.conv[:self.dim]
-        h, new_cache = conv_silu(F.linear(x, self.qkv.weight[:self.dim]), conv, conv_cache)
+        w_q, conv = self.read_projection() if projection is None else projection
+        h, new_cache = conv_silu(F.linear(x, w_q), conv, conv_cache)
         q = F.normalize(rearrange(h, "b t (h d) -> b h t d", h=self.heads), dim=-1)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731

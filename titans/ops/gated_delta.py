@@ -162,10 +162,12 @@ def gated_delta_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Te
 
         S = _start(q, v, state, dtype)
         starts, Us = [], []
-        for n in range(N):
+        # unbind, not indexing: the backward of x[n] writes into a zero tensor of x's full size for
+        # every chunk, which makes the loop quadratic in T
+        for U_n, W_n, k_n, g_n in zip(U_tilde.unbind(0), W.unbind(0), k_end.unbind(0), g_end.unbind(0)):
             starts.append(S)
-            U = U_tilde[n] - W[n] @ S.transpose(-1, -2)  # (B, H, b, Dv): the pseudo values
-            S = g_end[n] * S + U.transpose(-1, -2) @ k_end[n]
+            U = U_n - W_n @ S.transpose(-1, -2)  # (B, H, b, Dv): the pseudo values
+            S = g_n * S + U.transpose(-1, -2) @ k_n
             Us.append(U)
         S0 = torch.stack(starts, dim=2)  # (B, H, N, Dv, Dk)
         U = torch.stack(Us, dim=2)  # (B, H, N, b, Dv)
