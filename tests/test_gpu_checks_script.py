@@ -1,0 +1,24 @@
+"""The prepared GPU script runs its code paths on the CPU (--quick), so a session that is lent a GPU
+does not spend its minutes on a broken script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_checks_quick_on_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    cmd = [sys.executable, str(ROOT / "benchmarks/gpu_checks.py"), "--device", "cpu", "--quick",
+           "--skip", "memory", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    checks = [r["check"] for r in result["rows"]]
+    assert sum(c.startswith("memory L=") for c in checks) == 6
+    assert sum(c.endswith("causal / streaming") for c in checks) == 8
+    assert sum(c.startswith("model speed") for c in checks) == 16
+    assert all(r["ok"] for r in result["rows"])
+    assert "**numerics**" in out.with_suffix(".md").read_text()
