@@ -37,6 +37,7 @@ def config(variant: str, seed: int, args, out: Path):
                  "tasks": SUITES[args.suite], "task_mix": 1.0, "task_loss": "answer"},
         "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "seed": seed, "eval_every": args.steps,
+                  "bptt": args.bptt,
                   "eval_windows": 16, "ckpt_every": args.steps, "keep_last": 1, "out": str(out),
                   "tensorboard": False, "progress": False, "log_every": 25,
                   "init_from": str(Path(args.table1_runs) / f"{variant}-s{seed}")},
@@ -57,6 +58,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bptt", type=int, default=256,
+                   help="truncated backprop in pieces of this many tokens (0: full); full backprop through "
+                        "the deep memory explodes beyond ~512 tokens (README, 'Training')")
     p.add_argument("--lengths", default="1k,4k,16k,64k")
     p.add_argument("--examples", type=int, default=10)
     p.add_argument("--data", default="data")

@@ -18,7 +18,16 @@ from titans import TitansLM
 from titans.checkpoint import find_checkpoint, list_checkpoints, load, open_checkpoint, save_checkpoint
 from titans.cli import main as cli
 from titans.errors import TitansError
-from titans.train import OptimConfig, load_config, lr_factor, make_optimizer, read_metrics, train
+from titans.model import TitansConfig
+from titans.train import (
+    OptimConfig,
+    forward_backward,
+    load_config,
+    lr_factor,
+    make_optimizer,
+    read_metrics,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +77,8 @@ def test_bad_values_are_named():
         load_config(None, ["model.preset=huge"])
     with pytest.raises(TitansError, match="key=value"):
         load_config(None, ["optim.lr"])
+    with pytest.raises(TitansError, match="train.bptt must be >= 0"):
+        load_config(None, ["train.bptt=-1"])
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -192,6 +203,62 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, corpus_dir):
     assert list(a) == list(b) == [1, 2, 3, 4] and a[4] != a[1]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a, b)
+
+
+def _bptt_case():
+    torch.manual_seed(0)
+    cfg = TitansConfig.from_preset("tiny", variant="mac", dim=16, n_layers=2, n_heads=2, mlp_hidden=32,
+                                   segment_len=8, chunk_size=4, n_persistent=2)
+    model = TitansLM(cfg).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (2, 30), generator=g)
+    y = torch.randint(0, 256, (2, 30), generator=g)
+    y[0, :7] = -100  # unscored targets (task rows score only their answers)
+    return model, x, y
+
+
+def _grads(model):
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_truncated_bptt_keeps_the_loss_and_cuts_the_gradient_between_pieces():
+    """bptt = 0 or >= T is plain backprop; bptt = 12 gives the same loss (pieces on the state equal
+    one call), and the gradient of an explicit reference: per piece, the loss on a detached state,
+    backpropagated alone. With a memory that carries the stream, that differs from full backprop."""
+    model, x, y = _bptt_case()
+    logits, _ = model(x)
+    ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    ref_loss.backward()
+    full = _grads(model)
+    for bptt in (0, 30, 64):
+        assert forward_backward(model, x, y, bptt=bptt) == pytest.approx(ref_loss.item(), rel=1e-12)
+        for n, gr in _grads(model).items():
+            torch.testing.assert_close(gr, full[n], rtol=1e-12, atol=1e-14)
+
+    loss = forward_backward(model, x, y, bptt=12, scale=0.5)
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-10)
+    truncated = _grads(model)
+    state, n_scored = None, (y != -100).sum()
+    for a in (0, 12, 24):  # the reference: three pieces, each on the detached state of the last
+        logits, state = model(x[:, a:a + 12], None if state is None else state.detach())
+        piece = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, a:a + 12].flatten(),
+                                                  ignore_index=-100, reduction="sum") / n_scored
+        (0.5 * piece).backward()
+    reference = _grads(model)
+    for n, gr in truncated.items():
+        torch.testing.assert_close(gr, reference[n], rtol=1e-10, atol=1e-14)
+    differs = max(((truncated[n] - 0.5 * full[n]).norm() / full[n].norm()).item() for n in full)
+    assert differs > 1e-3
+
+
+def test_exploding_gradients_get_one_warning_with_the_remedy(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.setattr("titans.train.EXPLODING_GRAD_NORM", 0.0)
+    lines = []
+    train(small_config(tmp_path, corpus_dir, **{"train.steps": 3, "train.bptt": 16}), log=lines.append)
+    warnings = [m for m in lines if "gradient norm" in m]
+    assert len(warnings) == 1 and "train.bptt" in warnings[0]
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -75,6 +75,7 @@ class RunConfig:
     steps: int = 1000
     batch_size: int = 8        # sequences per process per micro-step
     grad_accum: int = 1
+    bptt: int = 0              # truncated backprop: pieces of this many tokens on the detached state (0: off)
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = True          # bf16 autocast (CUDA only)
@@ -232,10 +233,47 @@ def _validate(cfg: TrainConfig) -> None:
     for name, v in positive.items():
         if v <= 0:
             raise TitansError(f"{name} must be > 0, got {v}")
+    if cfg.train.bptt < 0:
+        raise TitansError(f"train.bptt must be >= 0 (0 = full backpropagation), got {cfg.train.bptt}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise TitansError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
         raise TitansError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+# A gradient norm above this (before clipping) gets one warning with the remedy.
+EXPLODING_GRAD_NORM = 1e4
+
+
+def forward_backward(net, x: torch.Tensor, y: torch.Tensor, *, bptt: int = 0, scale: float = 1.0,
+                     autocast=contextlib.nullcontext, last: bool = True) -> float:
+    """Loss of one micro-batch (mean over its scored targets, y = -100 unscored) and its gradient
+    times `scale`, accumulated into .grad.
+
+    bptt > 0: truncated backpropagation through time. The sequence goes through the model in pieces
+    of `bptt` tokens on the model state, which is detached between pieces, and each piece is
+    backpropagated on its own. The forward pass (the loss) is unchanged, since pieces on the state
+    equal one call; gradients no longer flow between pieces. DDP all-reduces only on the final
+    backward of the last micro-step (`last`)."""
+    T = x.shape[1]
+    step = T if bptt <= 0 else bptt
+    n_scored = (y != -100).sum().clamp(min=1)
+    total, state = 0.0, None
+    for a in range(0, T, step):
+        final = last and a + step >= T
+        sync = contextlib.nullcontext() if final or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with autocast():
+                logits, state = net(x[:, a:a + step], state)
+                targets = y[:, a:a + step].flatten()
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets,
+                                                         ignore_index=-100, reduction="sum") / n_scored
+            (loss * scale).backward()
+        total += loss.item()
+        if a + step < T:
+            state = state.detach()
+    return total
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -461,7 +499,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         if main and t.progress and sys.stderr.isatty():  # in a log file: plain lines instead
             from tqdm.auto import tqdm
             progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
-        last_ckpt, last_val, stopped = None, None, None
+        last_ckpt, last_val, stopped, warned_grad = None, None, None, False
         start, start_step = time.perf_counter(), step
         net.train()
         with _StopFlag() as stop:
@@ -474,14 +512,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                         x, y = task_mix.apply(x, y, seed=t.seed, step=step, micro=micro, accum=t.grad_accum,
                                               rank=world.rank, world=world.size)
                     x, y = x.to(device), y.to(device)
-                    last = micro == t.grad_accum - 1
-                    # DDP: all-reduce the gradients only on the last micro-step
-                    sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-                    with sync, autocast():
-                        logits, _ = net(x)
-                        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / t.grad_accum).backward()
-                    loss_sum += loss.item()
+                    loss_sum += forward_backward(net, x, y, bptt=t.bptt, scale=1 / t.grad_accum,
+                                                 autocast=autocast, last=micro == t.grad_accum - 1)
                 loss_val = distributed.mean_across(loss_sum / t.grad_accum, world, device)
                 if not math.isfinite(loss_val):
                     raise TitansError(f"the training loss became {loss_val} at step {step} (lr "
@@ -489,6 +521,11 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                                       f"optim.grad_clip; resume from the last checkpoint in {run_dir}")
                 grad_norm = (torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
                              if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+                if main and not warned_grad and float(grad_norm) > EXPLODING_GRAD_NORM:
+                    warned_grad = True
+                    say(f"warning: gradient norm {float(grad_norm):.3g} at step {step + 1} (clipped to "
+                        f"{cfg.optim.grad_clip}). Backpropagating through a deep memory over long sequences "
+                        f"can explode; set train.bptt (e.g. 256) to truncate it (README, 'Training').")
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
