@@ -1,0 +1,78 @@
+"""Outer-gradient norm against sequence length, with full and truncated backpropagation.
+
+For every variant of the `tiny` preset, at initialisation (seed 0) and, where it exists, from its
+Table-1 checkpoint (out/table1/<variant>-s0): the norm of the gradient of the mean next-byte loss
+on the first T bytes of the validation split, for T = 256 ... 2048 with full backpropagation, and
+at the longest T with `train.bptt` pieces (`titans.train.forward_backward`). A norm that grows
+by orders of magnitude with T means backprop through the recurrence explodes.
+
+    python benchmarks/grad_norm_vs_length.py                 # needs the corpus: titans data build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from titans.checkpoint import open_checkpoint
+from titans.data.corpus import load_documents
+from titans.data.tokenizer import get_tokenizer
+from titans.model import VARIANTS, TitansConfig, TitansLM
+from titans.train import forward_backward
+
+
+def grad_norm(model: TitansLM, tokens: torch.Tensor, T: int, bptt: int = 0) -> float:
+    model.zero_grad(set_to_none=True)
+    x = tokens[: T + 1].unsqueeze(0)
+    forward_backward(model, x[:, :-1], x[:, 1:], bptt=bptt)
+    grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+    return torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--lengths", default="256,512,1024,2048")
+    p.add_argument("--bptt", type=int, default=256)
+    p.add_argument("--data", default="data")
+    p.add_argument("--runs", default="out/table1", help="Table-1 run folders (<variant>-s0)")
+    p.add_argument("--out", default="benchmarks/results/grad_norm_vs_length")
+    args = p.parse_args()
+    lengths = [int(t) for t in args.lengths.split(",")]
+    text = "\n\n".join(d.text for d in load_documents(args.data, "val"))
+    tokens = torch.tensor(get_tokenizer("byte").encode(text[: 4 * max(lengths)])[: max(lengths) + 1])
+    rows = []
+    for variant in args.variants.split(","):
+        torch.manual_seed(0)
+        models = [("init", TitansLM(TitansConfig.from_preset("tiny", variant=variant)))]
+        run = Path(args.runs) / f"{variant}-s0"
+        if run.exists():
+            models.append(("trained (Table 1)", open_checkpoint(run).load_model()[0]))
+        for when, model in models:
+            model.train()
+            norms = {T: grad_norm(model, tokens, T) for T in lengths}
+            truncated = grad_norm(model, tokens, lengths[-1], args.bptt)
+            rows.append({"variant": variant, "weights": when, "full": norms, "bptt": truncated})
+            print(f"{variant:15s} {when:18s} " + " ".join(f"{n:9.3g}" for n in norms.values())
+                  + f"  | bptt {args.bptt}: {truncated:.3g}", flush=True)
+    head = ("| variant | weights | " + " | ".join(f"T={T}" for T in lengths)
+            + f" | T={lengths[-1]}, bptt {args.bptt} |")
+    lines = [head, "|---|---|" + "---:|" * (len(lengths) + 1)]
+    for r in rows:
+        cells = " | ".join(f"{n:.3g}" for n in r["full"].values())
+        lines.append(f"| {r['variant']} | {r['weights']} | {cells} | {r['bptt']:.3g} |")
+    text = "\n".join(lines) + (
+        "\n\nNorm of the outer gradient of the mean next-byte loss on the first T bytes of the validation "
+        "split (tiny preset, batch 1, float32, grad_clip 1.0 inside the memory).\n")
+    print("\n" + text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
