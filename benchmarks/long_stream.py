@@ -68,6 +68,18 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    out.with_suffix(".md").write_text(markdown(summary))
+
+
+def markdown(summary: dict) -> str:
+    rows = summary["rows"]
+    rss = [r["rss_gb"] for r in rows]
+    lines = ["| tokens | tokens/s (cumulative) | RSS GB |", "|---:|---:|---:|"]
+    lines += [f"| {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['rss_gb']:.3f} |" for r in rows]
+    lines.append(f"\n{summary['preset']} {summary['variant']}, pieces of {summary['piece']}, no gradients. "
+                 f"RSS at {rows[-1]['tokens']:,} / RSS at {rows[0]['tokens']:,}: {summary['rss_growth']:.3f}; "
+                 f"RSS range over the run {min(rss):.3f}-{max(rss):.3f} GB.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
