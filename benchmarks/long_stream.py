@@ -76,8 +76,9 @@ def markdown(summary: dict) -> str:
     rss = [r["rss_gb"] for r in rows]
     lines = ["| tokens | tokens/s (cumulative) | RSS GB |", "|---:|---:|---:|"]
     lines += [f"| {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['rss_gb']:.3f} |" for r in rows]
+    first, last = rows[0]["tokens"], rows[-1]["tokens"]
     lines.append(f"\n{summary['preset']} {summary['variant']}, pieces of {summary['piece']}, no gradients. "
-                 f"RSS at {rows[-1]['tokens']:,} / RSS at {rows[0]['tokens']:,}: {summary['rss_growth']:.3f}; "
+                 f"RSS at {last:,} / RSS at {first:,}: {summary['rss_growth']:.3f}; "
                  f"RSS range over the run {min(rss):.3f}-{max(rss):.3f} GB.")
     return "\n".join(lines) + "\n"
 
