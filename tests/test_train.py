@@ -253,6 +253,16 @@ def test_truncated_bptt_keeps_the_loss_and_cuts_the_gradient_between_pieces():
     assert differs > 1e-3
 
 
+def test_a_fresh_run_refuses_a_folder_with_earlier_checkpoints(trained, tmp_path):
+    """Training anew into an old run folder would mix checkpoints, and pruning by step could delete
+    the new run's last one (the demo hit this: an old step_240 outlived a new step_200)."""
+    run = _copy_run(trained, tmp_path)
+    cfg = small_config(tmp_path, Path("unused"), **{"train.out": str(run)})
+    with pytest.raises(TitansError, match=r"already holds checkpoints of an earlier run \(latest step_0+3\); "
+                                          r"continue it with --resume"):
+        train(cfg, log=quiet)
+
+
 def test_exploding_gradients_get_one_warning_with_the_remedy(tmp_path, corpus_dir, monkeypatch):
     monkeypatch.setattr("titans.train.EXPLODING_GRAD_NORM", 0.0)
     lines = []

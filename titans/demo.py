@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def run_demo(out: str | Path = "out/demo", *, data_dir: str | Path = "data", ste
     runs, samples = {}, {}
     for variant in VARIANTS:
         log(f"\n== training tiny {variant} ({steps} steps) ==")
+        shutil.rmtree(out / "runs" / variant, ignore_errors=True)  # a fresh demo, not a continuation
         runs[variant] = train(demo_config(variant, out, data_dir, steps, seed), log=log)
         model, tokenizer = load(runs[variant]["checkpoint"])
         prompt = torch.tensor([tokenizer.encode(PROMPT)])

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import distributed
-from .checkpoint import open_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
 from .errors import TitansError
 from .model import PRESETS, TitansConfig, TitansLM, count_parameters
 
@@ -395,6 +395,11 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         say = log if main else (lambda *a, **k: None)
         run_dir = Path(cfg.train.out)
         t, d = cfg.train, cfg.data
+        earlier = [] if resume else list_checkpoints(run_dir)
+        if earlier:  # a fresh run would mix its checkpoints (and their pruning) with the old ones
+            raise TitansError(f"{run_dir} already holds checkpoints of an earlier run (latest "
+                              f"{earlier[-1].name}); continue it with --resume, choose another train.out, "
+                              f"or delete the folder")
 
         # data: the main process builds the caches first, the others then read them
         if main:
