@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from memory_speed import BATCH, DIM, build  # benchmarks/memory_speed.py: the issue-2 settings
+from memory_speed import step as memory_step
 
-from titans.memory import NeuralMemory, memory_chunked, memory_recurrent
+from titans.memory import memory_chunked, memory_recurrent
 from titans.model import VARIANTS, TitansConfig, TitansLM
 
 
@@ -147,29 +149,19 @@ def memory_speed(device: str, quick: bool) -> list[dict]:
     for impl in impls:
         for T in lengths:
             torch.manual_seed(0)
-            if impl == "titans":
-                module = NeuralMemory(384, 4, depth=2, expansion=4, chunk_size=64).to(device)
-            else:
-                from titans_pytorch import NeuralMemory as PeerMemory
-
-                module = PeerMemory(384, chunk_size=64, dim_head=96, heads=4,
-                                    default_model_kwargs=dict(depth=2, expansion_factor=4.0)).to(device)
-            x = torch.randn(2, T, 384, device=device, requires_grad=True)
+            module = build(impl).to(device)
+            x = torch.randn(BATCH, T, DIM, device=device, requires_grad=True)
             try:
                 timed(memory_step, device, module, x)  # warm-up
                 reset_peak(device)
                 times = [timed(memory_step, device, module, x) for _ in range(3)]
                 rows.append({"check": f"memory speed {impl} T={T}", "seconds": statistics.median(times),
-                             "tokens_per_s": 2 * T / statistics.median(times), "peak_gb": peak_gb(device),
+                             "tokens_per_s": BATCH * T / statistics.median(times), "peak_gb": peak_gb(device),
                              "ok": True})
             except Exception as e:  # e.g. out of memory for the peer at 32K
                 rows.append({"check": f"memory speed {impl} T={T}", "error": str(e).splitlines()[0][:120],
                              "ok": impl != "titans"})
     return rows
-
-
-def memory_step(module, x) -> None:
-    module(x)[0].float().square().mean().backward()
 
 
 # -------------------------------------------------------------------------------- 4. model speed

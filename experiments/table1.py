@@ -36,6 +36,7 @@ def config(variant: str, seed: int, steps: int, out: Path, data: str):
 
 
 def run_all(args) -> None:
+    from titans.checkpoint import list_checkpoints, load
     from titans.evaluate import eval_ppl
     from titans.train import train
 
@@ -48,9 +49,8 @@ def run_all(args) -> None:
             if (root / f"{name}.json").exists():
                 continue
             print(f"== {variant} seed {seed}", flush=True)
-            s = train(config(variant, seed, args.steps, run, args.data), log=lambda m: print(m, flush=True))
-            from titans.checkpoint import load
-
+            s = train(config(variant, seed, args.steps, run, args.data), log=lambda m: print(m, flush=True),
+                      resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             model, tok = load(run)
             t0 = time.perf_counter()
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)

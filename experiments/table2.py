@@ -45,6 +45,7 @@ def config(variant: str, seed: int, args, out: Path):
 
 
 def main() -> int:
+    from titans.checkpoint import list_checkpoints
     from titans.evaluate import evaluate, parse_lengths
     from titans.train import train
 
@@ -82,7 +83,8 @@ def main() -> int:
                 continue
             run = Path(args.runs) / name
             print(f"== {name}: fine-tune on {tasks} at {args.seq_len} tokens", flush=True)
-            summary = train(config(variant, seed, args, run), log=lambda m: print(m, flush=True))
+            summary = train(config(variant, seed, args, run), log=lambda m: print(m, flush=True),
+                            resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             result = evaluate(run, [args.suite], lengths, data_dir=args.data, n_examples=args.examples,
                               seed=1000 + seed, out_dir=run / "eval", command="experiments/table2.py",
                               log=lambda m: print(m, flush=True))

@@ -32,7 +32,7 @@ def slug(name: str) -> str:
 
 
 def main() -> int:
-    from titans.checkpoint import load
+    from titans.checkpoint import list_checkpoints, load
     from titans.evaluate import eval_ppl
     from titans.train import train
 
@@ -59,7 +59,8 @@ def main() -> int:
             print(f"== {name} seed {seed}", flush=True)
             cfg = config("mac", seed, args.steps, run, args.data)
             cfg.model.update(overrides)
-            s = train(cfg, log=lambda m: print(m, flush=True))
+            s = train(cfg, log=lambda m: print(m, flush=True),
+                      resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             model, tok = load(run)
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)
             s["test_bpb"] = ppl[-1]["bpb"]

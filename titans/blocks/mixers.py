@@ -118,9 +118,8 @@ class MAC(nn.Module):
         # split the piece at segment boundaries (split, not slices: a slice's backward writes a
         # zero tensor of x's full size per segment, quadratic in T)
         first = min(x.shape[1], self.segment_len - state.position % self.segment_len)
-        sizes = [first] + [self.segment_len] * ((x.shape[1] - first) // self.segment_len)
-        if sum(sizes) < x.shape[1]:
-            sizes.append(x.shape[1] - sum(sizes))
+        full, tail = divmod(x.shape[1] - first, self.segment_len)
+        sizes = [first] + [self.segment_len] * full + ([tail] if tail else [])
         read = self.memory.read_projection()  # sliced once, not per segment (same reason)
         outs = []
         for piece in x.split(sizes, dim=1):
