@@ -165,32 +165,47 @@ def memory_speed(device: str, quick: bool) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------- 4. model speed
-def model_speed(device: str, quick: bool, budget: float) -> list[dict]:
+def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row) -> list[dict]:
+    """Length-major (every variant at 2K, then at 8K, ...), so a short deadline still covers every
+    variant at the shorter lengths. A cell is skipped when its step, predicted from the variant's
+    tokens/s at the previous length, would exceed `budget` seconds or end after `deadline`
+    (time.perf_counter())."""
     rows = []
     preset, lengths = ("tiny", (64, 128)) if quick else ("170m", (2048, 8192, 32768))
-    for variant in VARIANTS:
-        slow = None  # tokens/s at the previous length, to skip cells that cannot fit the budget
-        for T in lengths:
+    speed: dict[str, float] = {}  # tokens/s of each variant at the previous length
+    for T in lengths:
+        for variant in VARIANTS:
             name = f"model speed {preset} {variant} T={T}"
-            if slow is not None and T / slow > budget:
-                rows.append({"check": name, "skipped": f"one step would take about {T / slow:.0f} s",
-                             "ok": True})
+            guess = T / speed[variant] if variant in speed else None
+            left = deadline - time.perf_counter()
+            if variant in speed and speed[variant] <= 0:
+                continue  # it failed at a shorter length
+            if guess is not None and (guess > budget or 2 * guess > left):
+                why = "budget" if guess > budget else "deadline"
+                on_row(rows, {"check": name, "skipped": f"{why}: one step would take about {guess:.0f} s",
+                              "ok": True})
                 continue
-            torch.manual_seed(0)
-            model = TitansLM(TitansConfig.from_preset(preset, variant=variant)).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
+            if left <= 0:
+                on_row(rows, {"check": name, "skipped": "deadline", "ok": True})
+                continue
             try:
+                torch.manual_seed(0)
+                model = TitansLM(TitansConfig.from_preset(preset, variant=variant)).to(device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
                 reset_peak(device)
                 # the warm-up step is also a first timing, which decides on the next length
                 seconds = timed(train_step, device, model, opt, tokens)
                 if seconds < budget / 3:
                     seconds = timed(train_step, device, model, opt, tokens)
-                slow = T / seconds
-                rows.append({"check": name, "seconds": seconds, "tokens_per_s": T / seconds,
-                             "peak_gb": peak_gb(device), "ok": True})
+                speed[variant] = T / seconds
+                on_row(rows, {"check": name, "seconds": seconds, "tokens_per_s": T / seconds,
+                              "peak_gb": peak_gb(device), "ok": True})
             except Exception as e:
-                rows.append({"check": name, "error": str(e).splitlines()[0][:120], "ok": False})
+                speed[variant] = 0.0
+                on_row(rows, {"check": name, "error": str(e).splitlines()[0][:120], "ok": False})
+            finally:
+                model = opt = None
     return rows
 
 
@@ -223,15 +238,39 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU run of the same code paths)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: numerics,models,memory,model")
     p.add_argument("--cell-budget", type=float, default=60.0, help="seconds one model-speed step may take")
+    p.add_argument("--deadline", type=float, default=0.0,
+                   help="seconds for the whole run (0: none); model-speed cells that would end later are "
+                        "skipped")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = args.device
+    # float32 checks mean float32: no TF32 in cuDNN's convolutions (matmuls default to full float32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     out = Path(args.out or f"benchmarks/results/gpu_checks_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}")
+    start = time.perf_counter()
+    deadline = start + args.deadline if args.deadline else float("inf")
+    results: dict[str, list[dict]] = {}
+
+    def save() -> str:  # after every part and every model-speed cell: a killed run keeps its results
+        rows = [r for part_rows in results.values() for r in part_rows]
+        text = to_markdown(name, results)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"device": name, "torch": torch.__version__,
+                                                        "rows": rows}, indent=1))
+        return text
+
+    def on_row(rows: list[dict], row: dict) -> None:
+        rows.append(row)
+        results["model"] = rows
+        print(f"  {row}", file=sys.stderr, flush=True)
+        save()
+
     parts = {"numerics": lambda: check_numerics(device, args.quick), "models": lambda: check_models(device),
              "memory": lambda: memory_speed(device, args.quick),
-             "model": lambda: model_speed(device, args.quick, args.cell_budget)}
-    results: dict[str, list[dict]] = {}
+             "model": lambda: model_speed(device, args.quick, args.cell_budget, deadline, on_row)}
     for part, run in parts.items():
         if part in args.skip.split(","):
             continue
@@ -242,13 +281,9 @@ def main() -> int:
             error = traceback.format_exc().splitlines()[-1][:160]
             results[part] = [{"check": part, "error": error, "ok": False}]
         print(f"{part}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        save()
+    print(save())
     rows = [r for part_rows in results.values() for r in part_rows]
-    text = to_markdown(name, results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows},
-                                                   indent=1))
-    print(text)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -37,7 +37,7 @@ def config(variant: str, seed: int, args, out: Path):
                  "tasks": SUITES[args.suite], "task_mix": 1.0, "task_loss": "answer"},
         "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "seed": seed, "eval_every": args.steps,
-                  "bptt": args.bptt,
+                  "bptt": args.bptt, "max_minutes": args.max_minutes, "device": args.device,
                   "eval_windows": 16, "ckpt_every": args.steps, "keep_last": 1, "out": str(out),
                   "tensorboard": False, "progress": False, "log_every": 25,
                   "init_from": str(Path(args.table1_runs) / f"{variant}-s{seed}")},
@@ -62,6 +62,9 @@ def main() -> int:
     p.add_argument("--bptt", type=int, default=256,
                    help="truncated backprop in pieces of this many tokens (0: full); full backprop through "
                         "the deep memory explodes beyond ~512 tokens (README, 'Training')")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop each fine-tune after this many minutes, with a checkpoint (0: no limit)")
+    p.add_argument("--device", default="auto", help="training and evaluation device: auto, cpu, cuda")
     p.add_argument("--lengths", default="1k,4k,16k,64k")
     p.add_argument("--examples", type=int, default=10)
     p.add_argument("--data", default="data")
@@ -87,6 +90,7 @@ def main() -> int:
                             resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             result = evaluate(run, [args.suite], lengths, data_dir=args.data, n_examples=args.examples,
                               seed=1000 + seed, out_dir=run / "eval", command="experiments/table2.py",
+                              device=args.device,
                               log=lambda m: print(m, flush=True))
             (root / f"{name}.json").write_text(json.dumps({"variant": variant, "seed": seed, "train": summary,
                                                            "rows": result["rows"]}, indent=1))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from titans import TitansConfig, TitansLM
 from titans.cli import main as cli
 from titans.data.tokenizer import ByteTokenizer
+from titans.device import pick_device
 from titans.errors import TitansError
 from titans.evaluate import (
     answer,
@@ -120,6 +121,7 @@ def test_eval_cli_writes_the_report(run_dir, corpus_dir, tmp_path, capsys):
                 "--examples", "2", "--data", str(corpus_dir), "--max-tokens", "300", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "result.json").read_text())
+    assert result["device"] == "cpu"
     tasks = {r["task"] for r in result["rows"]}
     assert {"niah_single_1", "niah_single_2", "niah_single_3", "mqar", "ppl"} <= tasks
     md = (out / "result.md").read_text()
@@ -128,7 +130,20 @@ def test_eval_cli_writes_the_report(run_dir, corpus_dir, tmp_path, capsys):
     assert str(out / "result.md") in capsys.readouterr().out
 
 
+def test_device_choice_is_validated():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "cuda:x", "cuda1"):
+        with pytest.raises(TitansError, match="auto, cpu, cuda or cuda:N"):
+            pick_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(TitansError, match="CUDA is not available"):
+            pick_device("cuda:0")
+
+
 def test_eval_cli_errors_are_one_line(run_dir, capsys):
+    assert cli(["eval", "--checkpoint", str(run_dir), "--task", "mqar", "--device", "tpu"]) == 1
+    assert "the device must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
     assert cli(["eval", "--checkpoint", str(run_dir), "--task", "niha"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did you mean 'niah'" in err[0]

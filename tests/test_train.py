@@ -79,6 +79,8 @@ def test_bad_values_are_named():
         load_config(None, ["optim.lr"])
     with pytest.raises(TitansError, match="train.bptt must be >= 0"):
         load_config(None, ["train.bptt=-1"])
+    with pytest.raises(TitansError, match="train.max_minutes must be >= 0"):
+        load_config(None, ["train.max_minutes=-1"])
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -144,6 +146,15 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path, corpus_dir
     assert any((run / "tb").iterdir())
     assert [p.name for p in list_checkpoints(run)] == ["step_00000020", "step_00000030"]
     assert s["tokens"] == 30 * 2 * 32
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(tmp_path, corpus_dir):
+    cfg = small_config(tmp_path, corpus_dir, **{"train.max_minutes": 1e-9, "train.ckpt_every": 100})
+    part = train(cfg, log=quiet)
+    assert part["stopped_by"] == "max_minutes" and part["steps"] == 1  # the budget is spent after step 1
+    assert Path(part["checkpoint"]).name == "step_00000001"
+    cfg.train.max_minutes = 0.0
+    assert train(cfg, resume=True, log=quiet)["steps"] == 6
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run_bit_for_bit(tmp_path, corpus_dir):
@@ -340,6 +351,19 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
         open_checkpoint(run).trainer_state()
 
 
+def test_weights_only_checkpoint_loads_and_fine_tunes_but_does_not_resume(trained, tmp_path, corpus_dir):
+    run = _copy_run(trained, tmp_path)
+    (find_checkpoint(run) / "trainer.pt").unlink()
+    model, _ = load(run)
+    reference, _ = load(trained)
+    ref = reference.state_dict()
+    assert all(torch.equal(w, ref[k]) for k, w in model.state_dict().items())
+    with pytest.raises(TitansError, match="no trainer.pt .*weights-only.*not resumed"):
+        open_checkpoint(run).trainer_state()
+    cfg = small_config(tmp_path / "ft", corpus_dir, **{"train.steps": 2, "train.init_from": str(run)})
+    assert train(cfg, log=quiet)["steps"] == 2
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert cli(["sample", "--checkpoint", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -457,6 +481,9 @@ def test_task_mix_rows_score_only_the_answer_and_split_like_the_global_batch(cor
     assert torch.equal(torch.cat(micro), gx)
     with pytest.raises(TitansError, match="unknown task"):
         TaskMix(["niah_single_9"], hay, tok, 300, 0.5)
+    # a task that cannot fit the training length is refused up front, naming the task and seq_len
+    with pytest.raises(TitansError, match="niah_single_2 does not fit data.seq_len = 64 .*too short"):
+        TaskMix(["niah_single_2"], hay, tok, 64, 0.5)
 
 
 def test_training_on_tasks_runs(tmp_path, corpus_dir):

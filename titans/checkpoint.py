@@ -5,7 +5,9 @@ A checkpoint is a folder `RUN/checkpoints/step_XXXXXXXX/` holding
     model.safetensors   the model weights
     config.json         the model config, the training config, step, tokens seen, tokenizer identity
     tokenizer/          the tokenizer (loaded with the model)
-    trainer.pt          optimizer, scheduler, RNG and data-position state (for --resume)
+    trainer.pt          optimizer, scheduler, RNG and data-position state (for --resume); optional:
+                        a weights-only checkpoint (without it) loads, evaluates and fine-tunes
+                        (train.init_from) but cannot be resumed
 
 It is written into a hidden temporary folder and renamed into place in one step, so an
 interrupted write never leaves a half-written `step_*` folder: the previous checkpoint stays the
@@ -30,7 +32,7 @@ from .model import TitansConfig, TitansLM
 
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_REQUIRED = ("model.safetensors", "config.json", "trainer.pt", "tokenizer")
+_REQUIRED = ("model.safetensors", "config.json", "tokenizer")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,7 +120,7 @@ def find_checkpoint(path: str | Path) -> Path:
     ckpts = list_checkpoints(run)
     if not ckpts:
         raise TitansError(f"no checkpoint in {str(path)!r}: expected {run}/checkpoints/step_*/ "
-                          "with model.safetensors, config.json, trainer.pt and tokenizer/")
+                          "with model.safetensors, config.json and tokenizer/")
     latest = run / "checkpoints" / "latest"
     if latest.is_file():
         named = run / "checkpoints" / latest.read_text().strip()
@@ -167,6 +169,9 @@ class Checkpoint:
         return model.to(device).eval(), tokenizer
 
     def trainer_state(self) -> dict:
+        if not (self.path / "trainer.pt").exists():
+            raise TitansError(f"checkpoint {self.path} has no trainer.pt (a weights-only checkpoint): it can "
+                              "be evaluated, sampled or fine-tuned from (train.init_from), not resumed")
         try:
             return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=False)
         except Exception as e:  # pickle / zip errors of a damaged file come in many types

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import pick_device
 from .errors import TitansError
 
 TASK_GROUPS = {
@@ -57,6 +58,10 @@ def length_label(n: int) -> str:
 
 # ----------------------------------------------------------------------------- streaming primitives
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _check_ids(model, ids) -> torch.Tensor:
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
     if ids.shape[1] == 0:
@@ -64,7 +69,7 @@ def _check_ids(model, ids) -> torch.Tensor:
     if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"evaluate: token ids must lie in [0, {model.config.vocab_size}); the tokenizer "
                          "does not match the model")
-    return ids
+    return ids.to(_device(model))
 
 
 @torch.no_grad()
@@ -86,7 +91,7 @@ def stream(model, ids, *, piece: int = 2048, state=None, losses: bool = False):
             if chunk.shape[1] > 1:
                 out_losses.append(F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="none"))
         prev = logits[0, -1]
-    return prev, state, (torch.cat(out_losses) if losses and out_losses else None)
+    return prev, state, (torch.cat(out_losses).cpu() if losses and out_losses else None)
 
 
 @torch.no_grad()
@@ -98,7 +103,7 @@ def greedy_continue(model, logits, state, n_tokens: int, stop_ids=()) -> list[in
         if nxt in stop_ids:
             break
         out.append(nxt)
-        logits, state = model(torch.tensor([[nxt]]), state)
+        logits, state = model(torch.tensor([[nxt]], device=_device(model)), state)
         logits = logits[0, -1].float()
     return out
 
@@ -164,6 +169,7 @@ def eval_mqar(model, lengths: list[int], *, n_examples: int, n_pairs: int = 16, 
     for length in lengths:
         inputs, targets = make_mqar(n_examples, length, n_pairs, vocab_size=model.config.vocab_size,
                                     seed=seed)
+        inputs, targets = inputs.to(_device(model)), targets.to(_device(model))
         hit = total = 0
         for b in range(n_examples):
             preds = []
@@ -329,16 +335,18 @@ def write_report(result: dict, out_dir: Path) -> dict:
 
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
-             out_dir: str | Path | None = None, command: str = "", log=print) -> dict:
+             out_dir: str | Path | None = None, command: str = "", device: str = "cpu", log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
-    report; returns {"rows": [...], "paths": {...}, ...}."""
+    report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N."""
     from .checkpoint import open_checkpoint
     from .model import count_parameters
 
     if n_examples < 1 or max_tokens < 2 or piece < 1:
         raise TitansError("--examples and --piece must be >= 1 and --max-tokens >= 2")
+    target = pick_device(device)
     ckpt = open_checkpoint(checkpoint)
     model, tokenizer = ckpt.load_model()
+    model.to(target)
     torch.manual_seed(seed)
     rows: list[dict] = []
     haystack = None
@@ -361,7 +369,7 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
                                  log=log)
     result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
               "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
-              "max_tokens": max_tokens, "command": command, "rows": rows}
+              "max_tokens": max_tokens, "device": str(target), "command": command, "rows": rows}
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
     result["paths"] = write_report(result, out)
     return result
@@ -385,6 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--piece", type=int, default=2048, metavar="N",
                         help="tokens fed per forward call on the streaming state (default: 2048)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval")
 
 
@@ -405,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     command = "titans " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "titans eval"
     result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
                       n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
-                      out_dir=args.out, command=command)
+                      out_dir=args.out, command=command, device=args.device)
     print(Path(result["paths"]["md"]).read_text())
     print("Wrote " + ", ".join(result["paths"].values()))
     return 0

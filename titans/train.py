@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import distributed
 from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
+from .device import pick_device
 from .errors import TitansError
 from .model import PRESETS, TitansConfig, TitansLM, count_parameters
 
@@ -76,6 +77,7 @@ class RunConfig:
     batch_size: int = 8        # sequences per process per micro-step
     grad_accum: int = 1
     bptt: int = 0              # truncated backprop: pieces of this many tokens on the detached state (0: off)
+    max_minutes: float = 0.0   # wall-clock budget: stop with a checkpoint after this long (0: none)
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = True          # bf16 autocast (CUDA only)
@@ -235,6 +237,8 @@ def _validate(cfg: TrainConfig) -> None:
             raise TitansError(f"{name} must be > 0, got {v}")
     if cfg.train.bptt < 0:
         raise TitansError(f"train.bptt must be >= 0 (0 = full backpropagation), got {cfg.train.bptt}")
+    if not cfg.train.max_minutes >= 0:
+        raise TitansError(f"train.max_minutes must be >= 0 (0 = no limit), got {cfg.train.max_minutes}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise TitansError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
@@ -326,19 +330,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _pick_device(name: str, world: distributed.World) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TitansError(f"train.device = {name!r} but CUDA is not available; use cpu or auto")
-        if name == "cuda":
-            name = f"cuda:{world.local_rank}"
-    elif name != "cpu":
-        raise TitansError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return torch.device(name)
-
-
 class _Metrics:
     """metrics.jsonl (+ TensorBoard) on the main process."""
 
@@ -388,7 +379,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
 
     world = distributed.setup(torch.device("cuda" if cfg.train.device.startswith("cuda") else "cpu"))
     try:
-        device = _pick_device(cfg.train.device, world)
+        device = pick_device(cfg.train.device, world.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         main = world.is_main
@@ -552,6 +543,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                     msg = (f"step {step}: val loss {last_val['val_loss']:.4f}, "
                            f"{last_val['val_bpb']:.4f} bits/byte")
                     (progress.write if progress is not None else say)(msg) if main else None
+                if t.max_minutes and elapsed > 60 * t.max_minutes and not stop.signal:
+                    stop.signal = "max_minutes"  # the time budget: stop like a signal, with a checkpoint
                 if world.size > 1:  # every process must stop at the same step
                     flag = torch.tensor([1.0 if stop.signal else 0.0], device=device)
                     torch.distributed.all_reduce(flag)

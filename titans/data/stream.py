@@ -138,13 +138,23 @@ class TaskMix:
         self.makers = [TASKS[n] for n in names]
         self.names, self.haystack, self.tokenizer = names, haystack, tokenizer
         self.seq_len, self.fraction, self.loss = seq_len, fraction, loss
+        for i in range(len(names)):  # a task that cannot fit seq_len fails here, not at some step
+            for seed in range(3):
+                self._make(i, seed, depth=0.5)
+
+    def _make(self, i: int, seed: int, depth: float):
+        try:
+            return self.makers[i](self.seq_len - 16, haystack=self.haystack, tokenizer=self.tokenizer,
+                                  seed=seed, depth=depth)
+        except ValueError as e:
+            raise TitansError(f"data.tasks: {self.names[i]} does not fit data.seq_len = {self.seq_len} "
+                              f"({e}); raise data.seq_len or drop the task") from None
 
     def example(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(seed)
-        make = self.makers[int(rng.integers(len(self.makers)))]
+        i = int(rng.integers(len(self.makers)))
         tok = self.tokenizer
-        ex = make(self.seq_len - 16, haystack=self.haystack, tokenizer=tok, seed=int(rng.integers(2 ** 31)),
-                  depth=float(rng.random()))
+        ex = self._make(i, int(rng.integers(2 ** 31)), float(rng.random()))
         prompt, ans = tok.encode(ex.prompt), tok.encode(ex.answer)
         ids = (prompt + ans)[-(self.seq_len + 1):]
         pad = self.seq_len + 1 - len(ids)

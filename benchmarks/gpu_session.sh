@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything one lent-GPU session runs, in one bounded call (the device tool allows ~15 minutes of
+# GPU time per session, all tries together). Each stage has its own time limit and writes its results
+# as it goes, so a stage that runs long costs its own results only.
+#
+#   1. benchmarks/gpu_checks.py (issues 2 and 3): numerics against the CPU float64 reference,
+#      causality / streaming of every variant, memory speed, 170m model speed at 2K / 8K / 32K.
+#   2. experiments/table2.py on the GPU (issue 5): MAC and Transformer++ fine-tuned on S-NIAH-1/2/3
+#      at 512 tokens, each for a fixed number of minutes, then evaluated at 1x / 4x / 16x / 64x.
+#
+# Inputs (copied into .gpu/, which git ignores, by `benchmarks/gpu_session.sh --stage`): the corpus
+# (data/corpus; the token caches are rebuilt there) and the Table-1 checkpoints the fine-tunes start
+# from (weights only). Results go to $OUT (the device tool's folder; default out/gpu_session).
+#
+#   benchmarks/gpu_session.sh --stage                # here: fill .gpu/
+#   OUT=... benchmarks/gpu_session.sh                # there: the run (about 9 minutes on an H100)
+#   QUICK=1 OUT=/tmp/g benchmarks/gpu_session.sh     # a CPU dry run of the same steps, small
+set -u
+if [ "${1:-}" = "--stage" ]; then
+    rm -rf .gpu && mkdir -p .gpu/data .gpu/table1
+    cp -r data/corpus .gpu/data/corpus
+    for run in mac-s0 transformer-s0; do
+        ckpt=$(ls -d out/table1/$run/checkpoints/step_* | tail -1)
+        dest=.gpu/table1/$run/checkpoints/$(basename "$ckpt")
+        mkdir -p "$dest" && cp -r "$ckpt"/config.json "$ckpt"/model.safetensors "$ckpt"/tokenizer "$dest"/
+    done
+    du -sh .gpu
+    exit 0
+fi
+OUT=${OUT:-out/gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [ -n "${QUICK:-}" ]; then
+    CHECKS="--device cpu --quick --deadline 60"; CHECKS_S=120
+    FT="--seq-len 256 --batch-size 2 --steps 3 --lengths 256,512 --examples 1 --device cpu"
+    FT_MAC_S=200; FT_TF_S=200
+else
+    CHECKS="--deadline 150 --cell-budget 25"; CHECKS_S=170
+    FT="--seq-len 512 --batch-size 32 --steps 2000 --lr 1e-3 --lengths 512,2k,8k,32k --examples 6 --device cuda"
+    FT_MAC_S=250; FT_TF_S=110
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
+timeout -k 10 $CHECKS_S $PY benchmarks/gpu_checks.py $CHECKS --out "$OUT/gpu_checks" > "$OUT/gpu_checks.log" 2>&1
+echo "gpu_checks exit $?" >> "$OUT/device.txt"
+# the fine-tunes stop on their own after --max-minutes (with a checkpoint), then evaluate
+timeout -k 20 $FT_MAC_S $PY experiments/table2.py --variants mac --seeds 0 --bptt 0 --max-minutes ${MAC_MIN:-2.25} $FT \
+    --data .gpu/data --table1-runs .gpu/table1 --runs out/table2_gpu --out out/table2_gpu/results > "$OUT/table2_mac.log" 2>&1
+echo "table2 mac exit $?" >> "$OUT/device.txt"
+timeout -k 20 $FT_TF_S $PY experiments/table2.py --variants transformer --seeds 0 --bptt 0 --max-minutes ${TF_MIN:-0.75} $FT \
+    --data .gpu/data --table1-runs .gpu/table1 --runs out/table2_gpu --out out/table2_gpu/results > "$OUT/table2_transformer.log" 2>&1
+echo "table2 transformer exit $?" >> "$OUT/device.txt"
+# metrics, summaries, evaluation reports and the fine-tuned weights (no optimizer state): one file
+# per model (the device tool returns files of up to 16 MB)
+for v in mac transformer; do
+    tar czf "$OUT/table2_$v.tgz" --exclude=trainer.pt --exclude='*.png' out/table2_gpu/$v-s0 out/table2_gpu/results 2>> "$OUT/device.txt"
+done
+ls -la "$OUT" >> "$OUT/device.txt"
