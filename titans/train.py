@@ -44,6 +44,7 @@ from . import distributed
 from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
 from .device import pick_device
 from .errors import TitansError
+from .memory import chunks_compiled, compile_chunks
 from .model import PRESETS, TitansConfig, TitansLM, count_parameters
 
 # ----------------------------------------------------------------------------- configuration
@@ -81,7 +82,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = True          # bf16 autocast (CUDA only)
-    compile: bool = False
+    compile: bool = False      # torch.compile the neural memory's chunk step (titans.memory.compile_chunks)
     fsdp: bool = False         # FSDP2 instead of DDP when run on several processes
     init_from: str = ""        # start from these weights (a run or checkpoint folder): fine-tuning
     eval_every: int = 200
@@ -378,6 +379,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
     from .data.stream import bits_per_byte, evaluate_loss, prepare, train_batch
 
     world = distributed.setup(torch.device("cuda" if cfg.train.device.startswith("cuda") else "cpu"))
+    compiled_here = False
     try:
         device = pick_device(cfg.train.device, world.local_rank)
         if device.type == "cuda":
@@ -455,8 +457,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
             torch.set_rng_state(state["rng"]["torch"])
             step, tokens_seen = state["step"], state["tokens_seen"]
             say(f"resumed from {ckpt.path} at step {step} ({tokens_seen:,} tokens)")
-        if t.compile:
-            net = torch.compile(net)
+        if t.compile and not chunks_compiled():  # the memory's chunk step (the launch-bound loop)
+            compile_chunks()
+            compiled_here = True
 
         use_bf16 = t.bf16 and device.type == "cuda"
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -572,6 +575,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                 say(f"stopped by {stopped} at step {step}; checkpoint {last_ckpt}; continue with --resume")
         return summary
     finally:
+        if compiled_here:
+            compile_chunks(False)
         distributed.teardown()
 
 

@@ -15,7 +15,6 @@ forward pass and recomputes each chunk in the backward pass.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +128,11 @@ def _bmm_sub(base: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return out.view(*base.shape[:2], *out.shape[1:])
 
 
+class _Cache:
+    """Intermediates of one chunk's forward pass, for its backward (a plain class, which
+    torch.compile can trace, unlike SimpleNamespace)."""
+
+
 def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
                    clip: float | None, read: bool, keep: bool = False):
     """One chunk.
@@ -139,7 +143,8 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
     cache (intermediates for `_chunk_backward`) only when `keep`.
     """
     L, Lg = len(G), a.shape[2]
-    c = SimpleNamespace(L=L, Lg=Lg)
+    c = _Cache()
+    c.L, c.Lg = L, Lg
     # inner gradients at G: inputs x_l and output-gradients delta_l of every layer, on k
     xs, zs, h = [], [], k
     for i in range(L):
@@ -202,11 +207,15 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
             # state is the largest tensor here, so every pass over it counts
             W, S = WS[i].chunk(2, dim=2)
             a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
-            out = torch.empty_like(WS[i])
-            W_new, S_new = out.chunk(2, dim=2)
-            torch.mul(W, a_end, out=W_new).addcmul_(S, m_end)
-            torch.mul(S, e_j, out=S_new)
-            out.flatten(0, 1).baddbmm_(xc.transpose(-1, -2).flatten(0, 1), dts[i].flatten(0, 1), alpha=-1)
+            if torch.compiler.is_compiling():  # functional: the compiler fuses it (no out= on views)
+                out = _bmm_sub(torch.cat([W * a_end + S * m_end, S * e_j], dim=2), xc.transpose(-1, -2),
+                               dts[i])
+            else:
+                out = torch.empty_like(WS[i])
+                W_new, S_new = out.chunk(2, dim=2)
+                torch.mul(W, a_end, out=W_new).addcmul_(S, m_end)
+                torch.mul(S, e_j, out=S_new)
+                out.flatten(0, 1).baddbmm_(xc.transpose(-1, -2).flatten(0, 1), dts[i].flatten(0, 1), alpha=-1)
             WS_end.append(out)
     if keep:
         c.xs, c.zs, c.deltas, c.dts, c.ts, c.gps, c.xcs = xs, zs, deltas, dts, ts, gps, xcs
@@ -237,10 +246,13 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
         W, S = WS[i].chunk(2, dim=2)
         dWe, dSe = dWS_end[i].chunk(2, dim=2)
         a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
-        d_state = torch.empty_like(WS[i])
-        dW_new, dS_new = d_state.chunk(2, dim=2)
-        torch.mul(dWe, a_end, out=dW_new)
-        torch.mul(dSe, e_j, out=dS_new).addcmul_(dWe, m_end)
+        if torch.compiler.is_compiling():
+            d_state = torch.cat([dWe * a_end, dSe * e_j + dWe * m_end], dim=2)
+        else:
+            d_state = torch.empty_like(WS[i])
+            dW_new, dS_new = d_state.chunk(2, dim=2)
+            torch.mul(dWe, a_end, out=dW_new)
+            torch.mul(dSe, e_j, out=dS_new).addcmul_(dWe, m_end)
         dWS.append(d_state)
         da[:, :, j, -1] += _dot(dWe, W)
         dm[:, :, j, -1] += _dot(dWe, S)
@@ -343,6 +355,30 @@ def _gelu_second(z: Tensor) -> Tensor:
     return torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi)) * (2.0 - z * z)
 
 
+# The chunk step the loops call: the eager functions, or their torch.compile'd versions.
+_STEP = {"forward": _chunk_forward, "backward": _chunk_backward}
+
+
+def compile_chunks(enabled: bool = True, **options) -> None:
+    """Run the memory's chunk step (forward, and the hand-written backward) through torch.compile.
+
+    Eager PyTorch launches every small op of a chunk separately (about 250 per chunk forward and
+    backward at L = 2), so on a GPU the chunk loop is bound by launch overhead; the compiler fuses
+    the elementwise work. Results equal the eager step's to rounding. Each new shape (batch, heads,
+    chunk size, depth) compiles once, which takes a minute or so. `options` go to torch.compile
+    (default fullgraph=True). `compile_chunks(False)` restores the eager step. Process-wide."""
+    if not enabled:
+        _STEP.update(forward=_chunk_forward, backward=_chunk_backward)
+        return
+    options = {"fullgraph": True, **options}
+    _STEP.update(forward=torch.compile(_chunk_forward, **options),
+                 backward=torch.compile(_chunk_backward, **options))
+
+
+def chunks_compiled() -> bool:
+    return _STEP["forward"] is not _chunk_forward
+
+
 # Chunk-start states kept for the backward pass: one every CHECKPOINT_EVERY chunks. The backward
 # recomputes the states in between (write only, no read), so memory for states falls by this
 # factor at the cost of re-running the cheaper half of the forward once.
@@ -357,7 +393,12 @@ class _MemoryChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, L, clip, read, q, k, v, a, m, C, cS, e, gamma, beta, *states):
-        G, WS = states[:L], states[L:]
+        # detached: the chunk step sees the same requires_grad on every call (a compiled step
+        # would otherwise recompile between the first chunk and the rest)
+        q, k, v, a, m, C, cS, e, *states = (t.detach() for t in (q, k, v, a, m, C, cS, e, *states))
+        gamma, beta = (None, None) if gamma is None else (gamma.detach(), beta.detach())
+        states = tuple(states)
+        G, WS = tuple(_w_view(g) for g in states[:L]), states[L:]
         N, K = q.shape[0], CHECKPOINT_EVERY
         keep = any(ctx.needs_input_grad)
         y = torch.empty_like(q) if read else q.new_empty(0)
@@ -368,14 +409,15 @@ class _MemoryChunks(torch.autograd.Function):
                 for buf, ws in zip(saved, WS):
                     buf[n // K].copy_(ws)
             G_last = G
-            y_n, WS, _ = _chunk_forward(G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+            y_n, WS, _ = _STEP["forward"](G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
                                         gamma, beta, clip, read)
             if read:
                 y[n] = y_n
             G = _w_part(WS)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
-        ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.G0 = L, clip, read, saved, states[:L]
+        ctx.L, ctx.clip, ctx.read, ctx.checkpoints = L, clip, read, saved
+        ctx.G0 = tuple(_w_view(g) for g in states[:L])
         ctx.save_for_backward(q, k, v, a, m, C, cS, e, gamma, beta)
         if not read:
             ctx.mark_non_differentiable(y)
@@ -385,7 +427,9 @@ class _MemoryChunks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dy, *d_out):
         L, clip, read, K = ctx.L, ctx.clip, ctx.read, CHECKPOINT_EVERY
-        q, k, v, a, m, C, cS, e, gamma, beta = ctx.saved_tensors
+        q, k, v, a, m, C, cS, e, gamma, beta = (None if t is None else t.detach() for t in ctx.saved_tensors)
+        dy = dy.detach() if dy is not None else None
+        d_out = tuple(None if d is None else d.detach() for d in d_out)
         N = q.shape[0]
         zero_if_none = lambda ds, ref: [torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref)]  # noqa: E731
         dWS = zero_if_none(d_out[:L], [buf[0] for buf in ctx.checkpoints])
@@ -399,12 +443,12 @@ class _MemoryChunks(torch.autograd.Function):
             WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
             starts = [WS]
             for n in range(n0, n1 - 1):
-                _, WS, _ = _chunk_forward(base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n],
+                _, WS, _ = _STEP["forward"](base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n],
                                           e[n], gamma, beta, clip, read=False)
                 starts.append(WS)
             for n in range(n1 - 1, n0 - 1, -1):
                 WS = starts[n - n0]
-                dG, dWS, *d_n, dg, db = _chunk_backward(
+                dG, dWS, *d_n, dg, db = _STEP["backward"](
                     base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
                     read, dy[n] if read else None, dWS)
                 for acc, g in zip(d_chunk, d_n):
@@ -424,6 +468,12 @@ class _MemoryChunks(torch.autograd.Function):
 def _w_part(WS: Weights) -> Weights:
     """W from stacked [W; S] (views)."""
     return tuple(ws[:, :, : ws.shape[2] // 2] for ws in WS)
+
+
+def _w_view(g: Tensor) -> Tensor:
+    """g as the W part of a stacked [W; S] buffer: the layout (strides) of every later chunk's base,
+    so a compiled chunk step sees one layout."""
+    return torch.cat([g, torch.empty_like(g)], dim=2)[:, :, : g.shape[2]]
 
 
 def _add_w_part(dWS: Tensor, dW: Tensor) -> Tensor:
