@@ -6,7 +6,9 @@ what compiling the chunk step changes, in one process, eager first:
 
 1. NeuralMemory forward + backward at the issue-2 settings (benchmarks/memory_speed.py: dim 384,
    4 heads, depth 2, expansion 4, chunk 64, batch 2) at each --lengths: median of 3 seconds, peak
-   device memory, and the relative difference of the output and input gradient from eager's.
+   device memory, and the relative difference of the output and input gradient from eager's
+   (judged up to T = 4096 only: further on, float32 rounding differences grow to O(1) in any two
+   float32 runs of the default memory, benchmarks/sensitivity.py).
 2. One training step (bf16 autocast on CUDA, AdamW) of the `170m` lmm and mac models at
    --model-len tokens, eager then compiled.
 
@@ -67,7 +69,10 @@ def memory_rows(device: str, lengths: list[int], deadline: float, on_row) -> Non
                 row["speedup"] = eager[T][2] / seconds
                 row["rel_diff_y"] = rel(y, eager[T][0])
                 row["rel_diff_dx"] = rel(x.grad, eager[T][1])  # 3 backward passes accumulated in both
-                row["ok"] = row["rel_diff_y"] < 1e-4 and row["rel_diff_dx"] < 1e-3
+                # beyond a few thousand tokens the float32 recurrence amplifies rounding to O(1)
+                # (benchmarks/sensitivity.py), so two float32 runs are compared only up to 4096
+                if T <= 4096:
+                    row["ok"] = row["rel_diff_y"] < 1e-4 and row["rel_diff_dx"] < 1e-3
             else:
                 eager[T] = (y, x.grad.clone(), seconds)
             on_row(row)

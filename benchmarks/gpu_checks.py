@@ -93,12 +93,13 @@ def run_memory_fn(fn, tensors, ln, L, device, dtype, autocast, chunk):
 
 
 def check_numerics(device: str, quick: bool) -> list[dict]:
-    """The deep memory's recurrence amplifies rounding (the same sensitivity that makes its outer
-    gradients grow with T; README, 'Training'): at T = 200 with L = 3 even the float32 token loop on
-    the CPU is ~0.1 away from float64. So a row passes when the device's error is within `limit` or
-    within 4x the error of that CPU float32 token loop (`cpu_fp32_loop_err`)."""
+    """The deep memory's recurrence amplifies rounding (benchmarks/sensitivity.py; README,
+    'Training'): with these random inputs at T = 200 and L = 3 even the float32 token loop on the
+    CPU is O(1) away from float64 (an H100 run measured that, 2026-11-26), so the check runs at
+    T = 64 (4 chunks), where float32 is meaningful, and a row passes when the device's error is
+    within `limit` or within 4x the error of the CPU float32 token loop (`cpu_fp32_loop_err`)."""
     rows, g = [], torch.Generator().manual_seed(0)
-    T, chunk = (37, 8) if quick else (200, 16)
+    T, chunk = (37, 8) if quick else (64, 16)
     for L in (1, 2, 3):
         tensors, ln = memory_inputs(L, T, g)
         ref_y, ref_g = run_memory_fn(memory_recurrent, tensors, ln, L, "cpu", torch.float64, False, chunk)

@@ -153,6 +153,7 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(tmp_path, corpu
     part = train(cfg, log=quiet)
     assert part["stopped_by"] == "max_minutes" and part["steps"] == 1  # the budget is spent after step 1
     assert Path(part["checkpoint"]).name == "step_00000001"
+    assert math.isfinite(part["val_loss"])  # validated where the budget stopped it
     cfg.train.max_minutes = 0.0
     assert train(cfg, resume=True, log=quiet)["steps"] == 6
 

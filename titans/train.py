@@ -558,6 +558,10 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                 if stop.signal:
                     stopped = stop.signal
                     break
+        if stopped == "max_minutes" and (last_val is None or last_val["step"] != step):
+            last_val = validate()  # a run cut by its time budget still reports where it got to
+            metrics.write(last_val)
+            say(f"step {step}: val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte")
         if progress is not None:
             progress.close()
         metrics.close()
