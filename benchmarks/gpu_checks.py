@@ -13,7 +13,7 @@
 Writes <out>.json and <out>.md (default benchmarks/results/gpu_checks_<device name>), and prints the
 markdown. A check that fails is reported and the run goes on; the exit status is 1 if any failed.
 
-    python benchmarks/gpu_checks.py                      # on the GPU, about 8 minutes on an H100
+    python benchmarks/gpu_checks.py --deadline 150 --cell-budget 25  # on the GPU: 114 s on an H100
     python benchmarks/gpu_checks.py --device cpu --quick # the same code paths, small, on the CPU
 """
 

@@ -14,6 +14,8 @@ is this same amplification.
 
     python benchmarks/sensitivity.py                     # four memory configurations, T = 32768
     python benchmarks/sensitivity.py --length 4096 --configs default
+    python benchmarks/sensitivity.py --out benchmarks/results/sensitivity_theta_eps \
+        --configs theta_x0.01,theta_x0.1,theta_x3,ln_eps_0.01,ln_eps_1,ln_eps_100
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ import time
 from pathlib import Path
 
 import torch
+from memory_speed import CHUNK, DIM, EXPANSION, HEADS  # benchmarks/memory_speed.py: the issue-2 settings
 
 CONFIGS = {
     "default": {},                       # depth 2, momentum, forgetting
     "depth1": {"depth": 1},
     "no_forgetting": {"forgetting": False},
     "no_momentum": {"momentum": False},
+}
+# More, by name (--configs): the inner step size and the memory's LayerNorm epsilon
+EXTRA = {
+    "theta_x0.01": {"theta_max": 0.01}, "theta_x0.1": {"theta_max": 0.1}, "theta_x3": {"theta_max": 3.0},
+    "ln_eps_0.01": {"ln_eps": 1e-2}, "ln_eps_1": {"ln_eps": 1.0}, "ln_eps_100": {"ln_eps": 100.0},
 }
 
 
@@ -45,12 +53,21 @@ def window_rel(a: torch.Tensor, b: torch.Tensor, window: int) -> list[float]:
 
 @torch.no_grad()
 def measure(name: str, T: int, window: int, seed: int = 0) -> dict:
+    import titans.memory.functional as functional
+
+    opts = {"depth": 2, "expansion": EXPANSION, "chunk_size": CHUNK, **{**CONFIGS, **EXTRA}[name]}
+    eps_default = functional.LN_EPS
+    functional.LN_EPS = opts.pop("ln_eps", eps_default)  # the memory's LayerNorm epsilon (a constant)
+    try:
+        return _measure(name, opts, T, window, seed) | {"ln_eps": functional.LN_EPS}
+    finally:
+        functional.LN_EPS = eps_default
+
+
+@torch.no_grad()
+def _measure(name: str, opts: dict, T: int, window: int, seed: int) -> dict:
     from titans.memory import NeuralMemory
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from memory_speed import CHUNK, DIM, EXPANSION, HEADS
-
-    opts = {"depth": 2, "expansion": EXPANSION, "chunk_size": CHUNK, **CONFIGS[name]}
     torch.manual_seed(seed)
     layer = NeuralMemory(DIM, HEADS, **opts).double()
     x = torch.randn(1, T, DIM, dtype=torch.float64)
@@ -63,8 +80,9 @@ def measure(name: str, T: int, window: int, seed: int = 0) -> dict:
     y2 = layer(x2)[0]
     rounding = window_rel(y32, y64, window)
     amplification = [d / eps for d in window_rel(y2, y64, window)]
+    weight_norms = [w[0].norm().item() for w in layer(x)[1].memory.weights]  # per layer, batch 0, at T
     return {"config": name, "options": opts, "T": T, "window": window, "rounding": rounding,
-            "amplification": amplification}
+            "amplification": amplification, "final_weight_norms": weight_norms}
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -78,6 +96,9 @@ def to_markdown(rows: list[dict]) -> str:
     for r in rows:
         for key in ("rounding", "amplification"):
             lines.append(f"| {r['config']} | {key} | " + " | ".join(f"{r[key][i]:.2g}" for i in pick) + " |")
+    lines += ["", "Memory weight norms per layer at the end of the stream (Frobenius norm over all heads, "
+              "float64):", ""]
+    lines += [f"- {r['config']}: " + ", ".join(f"{n:.3g}" for n in r["final_weight_norms"]) for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -89,9 +110,9 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/sensitivity")
     args = p.parse_args()
     names = args.configs.split(",")
-    bad = [n for n in names if n not in CONFIGS]
+    bad = [n for n in names if n not in CONFIGS and n not in EXTRA]
     if bad or args.length < 1 or args.window < 1:
-        p.error(f"--configs from {', '.join(CONFIGS)} (got {bad}); --length and --window >= 1")
+        p.error(f"--configs from {', '.join([*CONFIGS, *EXTRA])} (got {bad}); --length and --window >= 1")
     rows = []
     for name in names:
         t0 = time.perf_counter()

@@ -38,6 +38,7 @@ def config(variant: str, seed: int, args, out: Path):
         "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "seed": seed, "eval_every": args.steps,
                   "bptt": args.bptt, "max_minutes": args.max_minutes, "device": args.device,
+                  "compile": args.compile,
                   "eval_windows": 16, "ckpt_every": args.steps, "keep_last": 1, "out": str(out),
                   "tensorboard": False, "progress": False, "log_every": 25,
                   "init_from": str(Path(args.table1_runs) / f"{variant}-s{seed}")},
@@ -65,6 +66,9 @@ def main() -> int:
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop each fine-tune after this many minutes, with a checkpoint (0: no limit)")
     p.add_argument("--device", default="auto", help="training and evaluation device: auto, cpu, cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the memory's chunk step for training (train.compile; about a minute "
+                        "to compile, then ~4x faster memory on an H100)")
     p.add_argument("--lengths", default="1k,4k,16k,64k")
     p.add_argument("--examples", type=int, default=10)
     p.add_argument("--data", default="data")
