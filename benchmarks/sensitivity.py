@@ -40,6 +40,7 @@ EXTRA = {
     "theta_x0.01": {"theta_max": 0.01}, "theta_x0.1": {"theta_max": 0.1}, "theta_x3": {"theta_max": 3.0},
     "ln_eps_0.01": {"ln_eps": 1e-2}, "ln_eps_1": {"ln_eps": 1.0}, "ln_eps_100": {"ln_eps": 100.0},
     "grad_clip_1": {"grad_clip": 1.0}, "grad_clip_0.1": {"grad_clip": 0.1},
+    "forget_to_init": {"forget_to": "init"},
 }
 
 

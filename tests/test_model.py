@@ -166,6 +166,23 @@ def test_tiny_preset_is_cpu_sized():
     assert 1e6 <= n <= 3e6
 
 
+@pytest.mark.parametrize("variant", ["mac", "lmm"])
+def test_forgetting_towards_the_initial_weights_streams_and_stays_causal(variant):
+    model = make(variant, forget_to="init")
+    assert all(m.forget_to == "init" for m in model.modules() if hasattr(m, "forget_to"))
+    tokens = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(3))
+    whole, _ = model(tokens)
+    changed = tokens.clone()
+    changed[:, 14:] = (changed[:, 14:] + 1) % 256
+    torch.testing.assert_close(model(changed)[0][:, :14], whole[:, :14], rtol=0, atol=0)
+    state, parts = None, []
+    for a, b in zip([0, 5, 13, 29][:-1], [0, 5, 13, 29][1:]):
+        out, state = model(tokens[:, a:b], state)
+        parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-10, atol=1e-10)
+    assert (make(variant)(tokens)[0] - whole).abs().max() > 1e-8  # a different model
+
+
 def test_config_json_round_trip_and_errors():
     cfg = TitansConfig.from_preset("small", variant="mag", window=64)
     assert TitansConfig.from_json(cfg.to_json()) == cfg
@@ -181,6 +198,8 @@ def test_config_json_round_trip_and_errors():
         TitansConfig.from_preset("huge")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         TitansConfig(chunk_size=0)
+    with pytest.raises(ValueError, match="forget_to must be 'zero'.*or 'init'.*got 'W0'"):
+        TitansConfig(forget_to="W0")
 
 
 def test_bad_tokens():

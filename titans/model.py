@@ -66,6 +66,9 @@ class TitansConfig:
     # inner step can diverge early in training (outer gradient norms of 1e3 at lr 3e-3 on the tiny
     # MAC); None turns it off.
     grad_clip: float | None = 1.0
+    # where forgetting pulls the memory: "zero" (the paper) or "init" (the learned initial weights;
+    # NeuralMemory's docstring and README "Training")
+    forget_to: str = "zero"
     rope_base: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -90,6 +93,9 @@ class TitansConfig:
             bad(f"n_heads ({self.n_heads}) must divide dim ({self.dim}); e.g. n_heads in {divisors[-4:]}")
         if (self.dim // self.n_heads) % 2:
             bad(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even (RoPE)")
+        if self.forget_to not in ("zero", "init"):
+            bad(f"forget_to must be 'zero' (the paper) or 'init' (towards the initial weights), "
+                f"got {self.forget_to!r}")
 
     @property
     def hidden(self) -> int:
@@ -153,7 +159,8 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
     def memory(**kw):
         opts = dict(depth=cfg.memory_depth, expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
                     momentum=cfg.momentum, forgetting=cfg.forgetting, conv=cfg.conv,
-                    per_layer_gates=cfg.per_layer_gates, theta_max=cfg.theta_max, grad_clip=cfg.grad_clip)
+                    per_layer_gates=cfg.per_layer_gates, theta_max=cfg.theta_max, grad_clip=cfg.grad_clip,
+                    forget_to=cfg.forget_to)
         return NeuralMemory(cfg.dim, cfg.n_heads, **{**opts, **kw})
 
     def attention(window, n_persistent):

@@ -21,23 +21,25 @@ TOL = 1e-9
 PREFIX_SEED = 1000
 
 
-def _initial_state(inp: MemInputs, prefix: int, chunk: int, seed: int):
+def _initial_state(inp: MemInputs, prefix: int, chunk: int, seed: int, forget_to: str = "zero"):
     """A state after `prefix` tokens (run with the reference), as fresh autograd leaves."""
     if prefix == 0:
         return None
     pre = make_inputs(inp.q.shape[0], inp.q.shape[1], prefix, inp.q.shape[3], len(inp.weights),
                       per_layer=inp.alpha.dim() == 4, seed=seed + PREFIX_SEED)
     pre.weights, pre.ln = inp.weights, inp.ln
-    _, state = run("recurrent", pre, chunk)  # not under no_grad: see test_properties (known bug)
+    # not under no_grad: see test_properties (known bug)
+    _, state = run("recurrent", pre, chunk, forget_to=forget_to)
     return leaf_state(state)
 
 
-def _compare(inp: MemInputs, chunk: int, prefix: int, seed: int, grad_clip=None, check_grads=True):
+def _compare(inp: MemInputs, chunk: int, prefix: int, seed: int, grad_clip=None, check_grads=True,
+             forget_to="zero"):
     """Run both functions on the same leaves; compare y, the final state and all gradients."""
     inp = inp.leaves()
-    state = _initial_state(inp, prefix, chunk, seed)
-    y_ref, st_ref = run("recurrent", inp, chunk, state, grad_clip)
-    y, st = run("chunked", inp, chunk, state, grad_clip)
+    state = _initial_state(inp, prefix, chunk, seed, forget_to)
+    y_ref, st_ref = run("recurrent", inp, chunk, state, grad_clip, forget_to)
+    y, st = run("chunked", inp, chunk, state, grad_clip, forget_to)
     assert_rel_close(y, y_ref, TOL, "y")
     assert_states_close(st, st_ref, TOL)
     assert st.position == prefix + inp.T
@@ -115,6 +117,29 @@ def test_exact_zero_gates_stay_finite(L, chunk, per_layer, alpha_mode):
         for (name, _), gd in zip(leaves.tensors(), gs, strict=True):
             assert torch.isfinite(gd).all(), f"{fn}: d/d {name} not finite"
     _compare(inp, chunk, 0, seed)
+
+
+@pytest.mark.parametrize("with_state", [0, 5], ids=lambda p: f"prefix{p}")
+@pytest.mark.parametrize("per_layer", [False, True], ids=["shared", "per_layer"])
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_forgetting_towards_the_initial_weights_matches_reference(L, chunk, per_layer, with_state):
+    """forget_to="init": W_t = (1 - alpha_t) W_{t-1} + alpha_t W_0 + S_t, chunked (on the offset
+    W - W_0) against the token loop; outputs, state and every gradient (W_0 enters through the
+    start, the anchor and the read)."""
+    T = 37 if chunk == 16 else 22
+    seed = 7000 + 100 * L + 10 * chunk + per_layer + with_state
+    inp = make_inputs(2, 2, T, 4 if L == 3 else 5, L, per_layer=per_layer, seed=seed)
+    y = _compare(inp, chunk, with_state, seed, forget_to="init")
+    y_zero, _ = run("recurrent", inp, chunk)  # the rule changes the result (alpha > 0 here)
+    assert (y - y_zero).abs().max() > 1e-8
+
+
+def test_forget_to_is_validated():
+    inp = make_inputs(1, 1, 4, 3, 1, seed=1)
+    for fn in ("recurrent", "chunked"):
+        with pytest.raises(ValueError, match="forget_to"):
+            run(fn, inp, 2, forget_to="init_weights")
 
 
 def test_compiled_chunk_step_matches_reference():

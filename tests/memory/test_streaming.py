@@ -136,7 +136,7 @@ def test_layer_streaming(option):
             assert_layer_states_close(st, st_full, 1e-9, f"cuts {cuts}")
 
 
-@pytest.mark.parametrize("option", ["default", "chunk_gates", "grad_clip"])
+@pytest.mark.parametrize("option", ["default", "chunk_gates", "grad_clip", "forget_to_init"])
 def test_layer_streaming_gradients(option):
     """Parameter gradients through a chained state equal those of one call."""
     T = 14

@@ -33,8 +33,8 @@ from .functional import (
 
 def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
                    weights: Weights, *, chunk_size: int = 16, ln: tuple[Tensor, Tensor] | None = None,
-                   state: MemoryState | None = None, grad_clip: float | None = None
-                   ) -> tuple[Tensor, MemoryState]:
+                   state: MemoryState | None = None, grad_clip: float | None = None,
+                   forget_to: str = "zero") -> tuple[Tensor, MemoryState]:
     """Same arguments and results as `memory_recurrent`, computed chunk by chunk.
 
     q, k, v: (B, H, T, D); alpha, eta, theta: (B, H, T) or (B, H, T, L);
@@ -42,13 +42,16 @@ def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, 
     Returns y: (B, H, T, D) and the MemoryState after the last token.
     """
     return run_memory(q, k, v, alpha, eta, theta, weights, chunk_size=chunk_size, ln=ln,
-                      state=state, grad_clip=grad_clip, read=True)
+                      state=state, grad_clip=grad_clip, read=True, forget_to=forget_to)
 
 
-def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, grad_clip, read
-               ) -> tuple[Tensor | None, MemoryState]:
-    """memory_chunked, optionally without the read (write only: y is None)."""
-    spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip)
+def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, grad_clip, read,
+               forget_to: str = "zero") -> tuple[Tensor | None, MemoryState]:
+    """memory_chunked, optionally without the read (write only: y is None).
+
+    forget_to="init" runs the same chunk machinery on the offset U = W - W_0, which forgets towards
+    zero exactly as W does under the paper's rule; the memory and its gradient base are W_0 + U."""
+    spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip, forget_to)
     dtype, b, L = spec.dtype, chunk_size, spec.L
     with no_autocast(q.device.type):
         W, S, G, pos = start_state(weights, state, spec, dtype)
@@ -65,10 +68,16 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
         valid[r:r + spec.T] = 1
         coef = chunk_coefficients(a_c, e_c, t_c, valid.view(N, 1, 1, 1, b))
         gamma, beta = (None, None) if ln is None else (ln[0].to(dtype), ln[1].to(dtype))
+        W0 = tuple(w.to(dtype) for w in weights) if forget_to == "init" else ()
+        if W0:
+            W = tuple(w - w0 for w, w0 in zip(W, W0))  # the offset U
         WS = tuple(torch.cat([w, s], dim=-2) for w, s in zip(W, S))
-        out = _MemoryChunks.apply(L, grad_clip, read, q_c, k_c, v_c, *coef, gamma, beta, *G, *WS)
+        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), q_c, k_c, v_c, *coef, gamma, beta,
+                                  *G, *WS, *W0)
         y_c, WS_T, G_T = out[0], out[1:1 + L], out[1 + L:]
         W_T = _w_part(WS_T)
+        if W0:
+            W_T = tuple(w0 + u for w0, u in zip(W0, W_T))
         S_T = tuple(ws[:, :, ws.shape[2] // 2:] for ws in WS_T)
         y = None
         if read:
@@ -134,13 +143,15 @@ class _Cache:
 
 
 def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
-                   clip: float | None, read: bool, keep: bool = False):
+                   clip: float | None, read: bool, keep: bool = False, W0: Weights = ()):
     """One chunk.
 
     G: gradient base (B, H, D_in, D_out) per layer; WS: [W; S] stacked on rows, (B, H, 2 D_in, D_out),
     at the chunk start. q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk,
-    gate layer j = l for per-layer gates, else 0. Returns (y or None, WS at the chunk end, cache), the
-    cache (intermediates for `_chunk_backward`) only when `keep`.
+    gate layer j = l for per-layer gates, else 0. W0: the anchor (H, D_in, D_out) per layer when
+    forgetting towards the initial weights (WS then holds the offset U = W - W0 and the read adds
+    u W0), else (). Returns (y or None, WS at the chunk end, cache), the cache (intermediates for
+    `_chunk_backward`) only when `keep`.
     """
     L, Lg = len(G), a.shape[2]
     c = _Cache()
@@ -187,6 +198,8 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
             A = P * C[:, :, j]
             au = torch.cat([a[:, :, j, :, None] * u, m[:, :, j, :, None] * u], dim=-1)
             p = _bmm_sub(au @ WS[i], A, dts[i])
+            if W0:
+                p = p + u @ W0[i]
             us.append(u), ps.append(p), Ps.append(P), As.append(A), aus.append(au)
             u = F.gelu(p) if i < L - 1 else p
         if L == 1:
@@ -223,11 +236,12 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
 
 
 def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
-                    clip: float | None, read: bool, dy, dWS_end):
+                    clip: float | None, read: bool, dy, dWS_end, W0: Weights = ()):
     """Gradients of one chunk, by hand: recompute the chunk's intermediates, then walk back
     (state update -> read -> clamp -> delta chain -> LayerNorm backward -> memory MLP on k).
-    Returns (dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta)."""
-    _, _, c = _chunk_forward(G, WS, q, k, v, a, m, C, cS, e, gamma, beta, clip, read, keep=True)
+    Returns (dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, dW0) (dW0: () without W0)."""
+    _, _, c = _chunk_forward(G, WS, q, k, v, a, m, C, cS, e, gamma, beta, clip, read, keep=True, W0=W0)
+    dW0 = [torch.zeros_like(w) for w in W0]
     L, Lg, xs, dts = c.L, c.Lg, c.xs, c.dts
     da, dm, dC, dcS, de = (torch.zeros_like(t) for t in (a, m, C, cS, e))
     dxs = [torch.zeros_like(x) for x in xs]
@@ -287,6 +301,9 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
             dC[:, :, j] += dA * c.Ps[i]
             dP = dA * C[:, :, j]
             du = du + dP @ xs[i]
+            if W0:  # p += u W0
+                du = du + dp @ W0[i].transpose(-1, -2)
+                dW0[i] = dW0[i] + (u.transpose(-1, -2) @ dp).sum(0)
             dxs[i] += dP.transpose(-1, -2) @ u
             if i > 0:
                 dp = du * gelu_grad(c.ps[i - 1])
@@ -337,7 +354,7 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
         dG[i] += xs[i].transpose(-1, -2) @ dz
         dxs[i] += dz @ G[i].transpose(-1, -2)
     dk += dxs[0]
-    return dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta
+    return dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, tuple(dW0)
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
@@ -392,13 +409,16 @@ class _MemoryChunks(torch.autograd.Function):
     its state, then applying the hand-written chunk backward."""
 
     @staticmethod
-    def forward(ctx, L, clip, read, q, k, v, a, m, C, cS, e, gamma, beta, *states):
+    def forward(ctx, L, clip, read, anchored, q, k, v, a, m, C, cS, e, gamma, beta, *states):
         # detached: the chunk step sees the same requires_grad on every call (a compiled step
         # would otherwise recompile between the first chunk and the rest)
         q, k, v, a, m, C, cS, e, *states = (t.detach() for t in (q, k, v, a, m, C, cS, e, *states))
         gamma, beta = (None, None) if gamma is None else (gamma.detach(), beta.detach())
         states = tuple(states)
-        G, WS = tuple(_w_view(g) for g in states[:L]), states[L:]
+        W0 = states[2 * L:] if anchored else ()  # forgetting towards W0: WS holds U = W - W0
+        G = tuple(_w_view(g) if not anchored else g.contiguous() for g in states[:L])
+        WS = states[L:2 * L]
+        G0 = G
         N, K = q.shape[0], CHECKPOINT_EVERY
         keep = any(ctx.needs_input_grad)
         y = torch.empty_like(q) if read else q.new_empty(0)
@@ -410,14 +430,14 @@ class _MemoryChunks(torch.autograd.Function):
                     buf[n // K].copy_(ws)
             G_last = G
             y_n, WS, _ = _STEP["forward"](G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
-                                        gamma, beta, clip, read)
+                                          gamma, beta, clip, read, W0=W0)
             if read:
                 y[n] = y_n
-            G = _w_part(WS)
+            G = _base(WS, W0)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
-        ctx.L, ctx.clip, ctx.read, ctx.checkpoints = L, clip, read, saved
-        ctx.G0 = tuple(_w_view(g) for g in states[:L])
+        ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0 = L, clip, read, saved, W0
+        ctx.G0 = G0
         ctx.save_for_backward(q, k, v, a, m, C, cS, e, gamma, beta)
         if not read:
             ctx.mark_non_differentiable(y)
@@ -436,7 +456,9 @@ class _MemoryChunks(torch.autograd.Function):
         dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
         d_chunk = [torch.zeros_like(t) for t in (q, k, v, a, m, C, cS, e)]
         d_gamma = d_beta = None
-        base = lambda n, WS: ctx.G0 if n == 0 else _w_part(WS)  # noqa: E731
+        W0 = tuple(w.detach() for w in ctx.W0)
+        dW0 = [torch.zeros_like(w) for w in W0]
+        base = lambda n, WS: ctx.G0 if n == 0 else _base(WS, W0)  # noqa: E731
         for n0 in range(K * ((N - 1) // K), -1, -K):
             # states at the start of chunks n0 .. n1-1, rebuilt from the checkpoint
             n1 = min(n0 + K, N)
@@ -444,13 +466,13 @@ class _MemoryChunks(torch.autograd.Function):
             starts = [WS]
             for n in range(n0, n1 - 1):
                 _, WS, _ = _STEP["forward"](base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n],
-                                          e[n], gamma, beta, clip, read=False)
+                                            e[n], gamma, beta, clip, read=False, W0=W0)
                 starts.append(WS)
             for n in range(n1 - 1, n0 - 1, -1):
                 WS = starts[n - n0]
-                dG, dWS, *d_n, dg, db = _STEP["backward"](
+                dG, dWS, *d_n, dg, db, dW0_n = _STEP["backward"](
                     base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
-                    read, dy[n] if read else None, dWS)
+                    read, dy[n] if read else None, dWS, W0=W0)
                 for acc, g in zip(d_chunk, d_n):
                     acc[n] = g
                 if dg is not None:
@@ -458,16 +480,24 @@ class _MemoryChunks(torch.autograd.Function):
                     d_beta = db if d_beta is None else d_beta + db
                 if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
                     dG = [g + h for g, h in zip(dG, dG_last)]
-                if n > 0:  # this chunk's base is the previous chunk's end W
+                dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
+                if n > 0:  # this chunk's base is the previous chunk's end W (= W0 + U when anchored)
                     dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
+                    dW0 = [acc + g.sum(0) for acc, g in zip(dW0, dG)] if W0 else dW0
                 else:
                     dG0 = dG
-        return (None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS)
+        return (None, None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS, *dW0)
 
 
 def _w_part(WS: Weights) -> Weights:
     """W from stacked [W; S] (views)."""
     return tuple(ws[:, :, : ws.shape[2] // 2] for ws in WS)
+
+
+def _base(WS: Weights, W0: Weights) -> Weights:
+    """The gradient base of the next chunk: W from [W; S], or W0 + U when forgetting towards W0."""
+    W = _w_part(WS)
+    return tuple(w0 + u for w0, u in zip(W0, W)) if W0 else W
 
 
 def _w_view(g: Tensor) -> Tensor:

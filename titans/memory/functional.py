@@ -111,8 +111,11 @@ def _check_float(name: str, t: object) -> None:
     _require(t.is_floating_point(), name, "a floating-point tensor (float32 or float64)", t.dtype)
 
 
+FORGET_TO = ("zero", "init")
+
+
 def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
-                 grad_clip=None) -> Spec:
+                 grad_clip=None, forget_to="zero") -> Spec:
     """Validate the arguments of memory_recurrent / memory_chunked; raise ValueError naming the
     argument, what was expected and what was given."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -167,6 +170,7 @@ def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
             for i, (t, w) in enumerate(zip(ts, weights)):
                 want = (B, *w.shape)
                 _require(_shape(t) == want, f"state.{field}[{i}]", f"shape {want}", f"shape {_shape(t)}")
+    _require(forget_to in FORGET_TO, "forget_to", " or ".join(map(repr, FORGET_TO)), repr(forget_to))
     dtypes = {t.dtype for t in (q, k, v, alpha, eta, theta, *weights)}
     dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     return Spec(B, H, T, D, L, bool(per_layer), dtype)

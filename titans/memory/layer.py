@@ -48,13 +48,15 @@ class NeuralMemory(nn.Module):
     momentum / forgetting / conv: the paper's ablations (off = eta 0 / alpha 0 / no convolution).
     per_layer_gates: separate alpha, eta, theta for each memory layer. chunk_gates: one gate value
     per chunk, taken at the chunk's first token (causal). theta_max: upper bound of the inner
-    learning rate. grad_clip: clamp each token's inner-gradient norm (None = off).
+    learning rate. grad_clip: clamp each token's inner-gradient norm (None = off). forget_to: "zero"
+    (the paper's W = (1 - alpha) W + S) or "init" (W = (1 - alpha) W + alpha W_0 + S, towards the
+    learned initial weights; contractive where "zero" amplifies perturbations, README "Training").
     """
 
     def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: int = 4, chunk_size: int = 16,
                  momentum: bool = True, forgetting: bool = True, conv: bool = True,
                  per_layer_gates: bool = False, chunk_gates: bool = False, theta_max: float = 1.0,
-                 grad_clip: float | None = None, conv_kernel: int = 4):
+                 grad_clip: float | None = None, conv_kernel: int = 4, forget_to: str = "zero"):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("depth", depth), ("expansion", expansion),
                           ("chunk_size", chunk_size), ("conv_kernel", conv_kernel)):
@@ -67,10 +69,13 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"NeuralMemory: theta_max must be > 0, got {theta_max!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"NeuralMemory: grad_clip must be None or > 0, got {grad_clip!r}")
+        if forget_to not in ("zero", "init"):
+            raise ValueError(f"NeuralMemory: forget_to must be 'zero' or 'init', got {forget_to!r}")
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, dim // heads, depth
         self.chunk_size, self.momentum, self.forgetting = chunk_size, momentum, forgetting
         self.per_layer_gates, self.chunk_gates = per_layer_gates, chunk_gates
         self.theta_max, self.grad_clip, self.kernel = theta_max, grad_clip, conv_kernel
+        self.forget_to = forget_to
         D = self.head_dim
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -166,7 +171,7 @@ class NeuralMemory(nn.Module):
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
-                            grad_clip=self.grad_clip, read=read)
+                            grad_clip=self.grad_clip, read=read, forget_to=self.forget_to)
         if not all(torch.isfinite(w).all() for w in mem.weights):
             raise FloatingPointError(
                 f"NeuralMemory: the memory weights became NaN/Inf within positions "
@@ -218,5 +223,6 @@ class NeuralMemory(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
                 f"momentum={self.momentum}, forgetting={self.forgetting}, conv={self.conv is not None}, "
-                f"per_layer_gates={self.per_layer_gates}, chunk_gates={self.chunk_gates}")
+                f"per_layer_gates={self.per_layer_gates}, chunk_gates={self.chunk_gates}, "
+                f"forget_to={self.forget_to!r}")
 

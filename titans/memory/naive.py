@@ -21,8 +21,8 @@ from .functional import (
 
 def memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
                      weights: Weights, *, chunk_size: int = 1, ln: tuple[Tensor, Tensor] | None = None,
-                     state: MemoryState | None = None, grad_clip: float | None = None
-                     ) -> tuple[Tensor, MemoryState]:
+                     state: MemoryState | None = None, grad_clip: float | None = None,
+                     forget_to: str = "zero") -> tuple[Tensor, MemoryState]:
     """Run the memory token by token.
 
     q, k, v: (B, H, T, D); alpha, eta, theta: (B, H, T) or (B, H, T, L);
@@ -30,11 +30,13 @@ def memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor
     For every token t (chunk = positions [cb, (c+1)b) of the stream):
         g_t = grad_W 0.5 ||M_W(k_t) - v_t||^2 at W = W at the start of t's chunk
         S_t = eta_t S_{t-1} - theta_t g_t
-        W_t = (1 - alpha_t) W_{t-1} + S_t
+        W_t = (1 - alpha_t) W_{t-1} + S_t                 (forget_to="zero": the paper's rule)
+        W_t = (1 - alpha_t) W_{t-1} + alpha_t W_0 + S_t   (forget_to="init": forget towards W_0,
+                                                           the `weights` argument, also with a state)
         y_t = M_{W_t}(q_t)
     Returns y: (B, H, T, D) and the state after the last token.
     """
-    spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip)
+    spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip, forget_to)
     dtype = spec.dtype
     with no_autocast(q.device.type):
         q, k, v = (t.to(dtype) for t in (q, k, v))
@@ -49,6 +51,8 @@ def memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor
             a_t, e_t, th_t = (g[:, :, t, :, None, None] for g in (alpha, eta, theta))  # (B, H, L, 1, 1)
             S = tuple(e_t[:, :, i] * s - th_t[:, :, i] * g for i, (s, g) in enumerate(zip(S, grads)))
             W = tuple((1 - a_t[:, :, i]) * w + s for i, (w, s) in enumerate(zip(W, S)))
+            if forget_to == "init":
+                W = tuple(w + a_t[:, :, i] * w0.to(dtype) for i, (w, w0) in enumerate(zip(W, weights)))
             ys.append(memory_apply(q[:, :, t, None], W, ln)[:, :, 0])
         y = torch.stack(ys, dim=2)
         G = W if (pos + spec.T) % chunk_size == 0 else G
