@@ -7,6 +7,8 @@ at the longest T with `train.bptt` pieces (`titans.train.forward_backward`). A n
 by orders of magnitude with T means backprop through the recurrence explodes.
 
     python benchmarks/grad_norm_vs_length.py                 # needs the corpus: titans data build
+    python benchmarks/grad_norm_vs_length.py --variants mac,lmm,mag,mal --set forget_to=init \
+        --out benchmarks/results/grad_norm_forget_to_init     # the same with a TitansConfig override
 """
 
 from __future__ import annotations
@@ -40,17 +42,28 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--runs", default="out/table1", help="Table-1 run folders (<variant>-s0)")
     p.add_argument("--out", default="benchmarks/results/grad_norm_vs_length")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="TitansConfig override for every model, also the trained ones (e.g. forget_to=init)")
     args = p.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            p.error(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tn" else value
     lengths = [int(t) for t in args.lengths.split(",")]
     text = "\n\n".join(d.text for d in load_documents(args.data, "val"))
     tokens = torch.tensor(get_tokenizer("byte").encode(text[: 4 * max(lengths)])[: max(lengths) + 1])
     rows = []
     for variant in args.variants.split(","):
         torch.manual_seed(0)
-        models = [("init", TitansLM(TitansConfig.from_preset("tiny", variant=variant)))]
+        models = [("init", TitansLM(TitansConfig.from_preset("tiny", variant=variant, **overrides)))]
         run = Path(args.runs) / f"{variant}-s0"
         if run.exists():
-            models.append(("trained (Table 1)", open_checkpoint(run).load_model()[0]))
+            ckpt = open_checkpoint(run)
+            trained = TitansLM(TitansConfig.from_dict({**ckpt.config.to_dict(), **overrides}))
+            ckpt.load_weights(trained)
+            models.append(("trained (Table 1)", trained))
         for when, model in models:
             model.train()
             norms = {T: grad_norm(model, tokens, T) for T in lengths}
@@ -66,7 +79,8 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['weights']} | {cells} | {r['bptt']:.3g} |")
     text = "\n".join(lines) + (
         "\n\nNorm of the outer gradient of the mean next-byte loss on the first T bytes of the validation "
-        "split (tiny preset, batch 1, float32, grad_clip 1.0 inside the memory).\n")
+        "split (tiny preset, batch 1, float32, grad_clip 1.0 inside the memory"
+        + (f"; overrides {overrides}" if overrides else "") + ").\n")
     print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

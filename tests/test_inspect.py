@@ -123,6 +123,8 @@ def test_gates_lie_in_their_ranges(mac_result):
         assert m["alpha"].shape == m["theta"].shape == (2, 64, 2) and m["replay_error"] < 1e-4
         assert ((m["alpha"] > 0) & (m["alpha"] < 1)).all() and (m["theta"] <= m["theta_max"]).all()
     assert format_table(per_layer).count(" LMM ") == 2
+    anchored = inspect_memory(tiny("lmm", forget_to="init"), TOK, TEXT, max_tokens=200)
+    assert all(m["replay_error"] < 1e-4 for m in anchored["layers"])  # follows forget_to (0.7 if not)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])

@@ -246,7 +246,8 @@ def measure_memory(mem: NeuralMemory, inputs: dict, needle: tuple[int, int] | No
             g = {n: t[None, :, p:nxt] for n, t in gates.items()}
             kk, vv = inputs["k"][:, :, p:nxt], inputs["v"][:, :, p:nxt]
             _, state = run_memory(kk, kk, vv, g["alpha"], g["eta"], g["theta"], tuple(mem.weights),
-                                  chunk_size=b, ln=ln, state=state, grad_clip=mem.grad_clip, read=False)
+                                  chunk_size=b, ln=ln, state=state, grad_clip=mem.grad_clip, read=False,
+                                  forget_to=mem.forget_to)
             W = state.weights
     with np.errstate(invalid="ignore"):
         age_err = np.where(age_n > 0, age_sum / np.maximum(age_n, 1), np.nan)
