@@ -9,6 +9,8 @@ in the same run.
 
     python benchmarks/memory_speed.py                  # both implementations (needs the bench extra)
     python benchmarks/memory_speed.py --impls titans   # ours only
+    python benchmarks/memory_speed.py --impls titans,titans-compiled,titans-pytorch \
+        --out benchmarks/results/memory_speed_compiled   # also with the compiled chunk step
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ DIM, HEADS, DEPTH, EXPANSION, CHUNK, BATCH = 384, 4, 2, 4, 64, 2
 
 
 def build(impl: str):
-    if impl == "titans":
+    if impl in ("titans", "titans-compiled"):
         from titans.memory import NeuralMemory
 
         return NeuralMemory(DIM, HEADS, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
@@ -54,7 +56,11 @@ def worker(impl: str, T: int, count_flops: bool) -> dict:
 
     torch.manual_seed(0)
     module = build(impl)
-    step(module, torch.randn(BATCH, 256, DIM))  # warm-up: thread pools, allocator
+    if impl == "titans-compiled":  # the chunk step through torch.compile; its shapes do not depend on T,
+        from titans.memory import compile_chunks  # so the warm-up below compiles it once
+
+        compile_chunks()
+    step(module, torch.randn(BATCH, 256, DIM))  # warm-up: thread pools, allocator (and compiling)
     module.zero_grad(set_to_none=True)
     x = torch.randn(BATCH, T, DIM, requires_grad=True)
     t0 = time.perf_counter()
@@ -156,29 +162,34 @@ def main() -> None:
             row["titans"].update(gflop=flops[T] / 1e9, gflops=achieved, matmul_fraction=achieved / rate)
         rows.append(row)
 
-    header = (
-        "| T | titans s | titans GB | titans us/token | GFLOP | % of matmul rate "
-        "| titans-pytorch s | titans-pytorch GB | speed-up | memory ratio |"
-    )
-    summary.append(header)
-    summary.append("|---" * (header.count("|") - 1) + "|")
-    for row in rows:
-        ours, peer = row.get("titans", {}), row.get("titans-pytorch", {})
-        cell = lambda d, k, f: f.format(d[k]) if k in d else d.get("error", "-")  # noqa: E731
-        speed = (
-            f"{peer['seconds'] / ours['seconds']:.1f}x" if "seconds" in ours and "seconds" in peer else "-"
+    for ours_impl in [i for i in impls if i != "titans-pytorch"]:
+        if len(impls) > 2:
+            summary.append(f"\n**{ours_impl}**\n")
+        header = (
+            "| T | titans s | titans GB | titans us/token | GFLOP | % of matmul rate "
+            "| titans-pytorch s | titans-pytorch GB | speed-up | memory ratio |"
         )
-        mem = (
-            f"{peer['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x"
-            if "peak_rss_gb" in ours and "peak_rss_gb" in peer
-            else "-"
-        )
-        summary.append(
-            f"| {row['T']} | {cell(ours, 'seconds', '{:.3f}')} | {cell(ours, 'peak_rss_gb', '{:.2f}')} "
-            f"| {cell(ours, 'per_token_us', '{:.1f}')} | {cell(ours, 'gflop', '{:.0f}')} "
-            f"| {cell(ours, 'matmul_fraction', '{:.0%}')} | {cell(peer, 'seconds', '{:.3f}')} "
-            f"| {cell(peer, 'peak_rss_gb', '{:.2f}')} | {speed} | {mem} |"
-        )
+        summary.append(header)
+        summary.append("|---" * (header.count("|") - 1) + "|")
+        for row in rows:
+            ours, peer = dict(row.get(ours_impl, {})), row.get("titans-pytorch", {})
+            if "seconds" in ours and row.get("titans", {}).get("gflop"):
+                gflops = row["titans"]["gflop"] / ours["seconds"]
+                ours.update(gflop=row["titans"]["gflop"], matmul_fraction=gflops / rate)
+            cell = lambda d, k, f: f.format(d[k]) if k in d else d.get("error", "-")  # noqa: E731
+            both = "seconds" in ours and "seconds" in peer
+            speed = f"{peer['seconds'] / ours['seconds']:.1f}x" if both else "-"
+            mem = (
+                f"{peer['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x"
+                if "peak_rss_gb" in ours and "peak_rss_gb" in peer
+                else "-"
+            )
+            summary.append(
+                f"| {row['T']} | {cell(ours, 'seconds', '{:.3f}')} | {cell(ours, 'peak_rss_gb', '{:.2f}')} "
+                f"| {cell(ours, 'per_token_us', '{:.1f}')} | {cell(ours, 'gflop', '{:.0f}')} "
+                f"| {cell(ours, 'matmul_fraction', '{:.0%}')} | {cell(peer, 'seconds', '{:.3f}')} "
+                f"| {cell(peer, 'peak_rss_gb', '{:.2f}')} | {speed} | {mem} |"
+            )
     first, last = rows[0].get("titans", {}), rows[-1].get("titans", {})
     if "per_token_us" in first and "per_token_us" in last:
         summary.append(

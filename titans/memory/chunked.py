@@ -448,7 +448,7 @@ class _MemoryChunks(torch.autograd.Function):
     def backward(ctx, dy, *d_out):
         L, clip, read, K = ctx.L, ctx.clip, ctx.read, CHECKPOINT_EVERY
         q, k, v, a, m, C, cS, e, gamma, beta = (None if t is None else t.detach() for t in ctx.saved_tensors)
-        dy = dy.detach() if dy is not None else None
+        dy = dy.detach().contiguous() if dy is not None else None  # one layout whatever N (compiled step)
         d_out = tuple(None if d is None else d.detach() for d in d_out)
         N = q.shape[0]
         zero_if_none = lambda ds, ref: [torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref)]  # noqa: E731
