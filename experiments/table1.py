@@ -4,6 +4,8 @@ over several seeds.
 
     python experiments/table1.py --steps 200 --seeds 0,1          # ~0.4M tokens per run
     python experiments/table1.py --table-only                     # rebuild the table from finished runs
+    python experiments/table1.py --variants lmm,mag,mal --seeds 0 --set forget_to=init \
+        --out results/table1_forget_to_init --runs out/table1_forget_to_init   # a config variation
 
 Runs are resumable: a run whose result file exists is not trained again. Checkpoints go to
 out/table1/RUN/ (not committed; every one is reproduced by this command), the numbers to
@@ -18,6 +20,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 VARIANTS = ("transformer", "swa", "gated_deltanet", "ttt_mlp", "lmm", "mac", "mag", "mal")
 
@@ -49,7 +53,9 @@ def run_all(args) -> None:
             if (root / f"{name}.json").exists():
                 continue
             print(f"== {variant} seed {seed}", flush=True)
-            s = train(config(variant, seed, args.steps, run, args.data), log=lambda m: print(m, flush=True),
+            cfg = config(variant, seed, args.steps, run, args.data)
+            cfg.model.update(args.model_set)
+            s = train(cfg, log=lambda m: print(m, flush=True),
                       resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             model, tok = load(run)
             t0 = time.perf_counter()
@@ -95,7 +101,13 @@ def main() -> int:
     p.add_argument("--out", default="results/table1")
     p.add_argument("--runs", default="out/table1")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--set", dest="model_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="TitansConfig override for every run (e.g. forget_to=init); use its own --out/--runs")
     args = p.parse_args()
+    pairs = [item.partition("=") for item in args.model_set]
+    if any(not eq or not key for key, eq, _ in pairs):
+        p.error(f"--set expects FIELD=VALUE, got {args.model_set}")
+    args.model_set = {key: yaml.safe_load(value) for key, _, value in pairs}
     if not args.table_only:
         run_all(args)
     print(table(args))
