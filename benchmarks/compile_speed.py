@@ -31,16 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_checks import peak_gb, reset_peak, timed, to_markdown, train_step
+from gpu_checks import model_step_inputs, peak_gb, rel, reset_peak, timed, to_markdown, train_step
 from memory_speed import BATCH, DIM, build
 from memory_speed import step as memory_step
 
 from titans.memory import compile_chunks
-from titans.model import TitansConfig, TitansLM
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 def memory_rows(device: str, lengths: list[int], deadline: float, on_row) -> None:
@@ -88,10 +83,7 @@ def model_rows(device: str, preset: str, T: int, deadline: float, on_row) -> Non
             if time.perf_counter() + (3 * base if base else 0) > deadline:
                 on_row({"check": name, "skipped": "deadline", "ok": True})
                 continue
-            torch.manual_seed(0)
-            model = TitansLM(TitansConfig.from_preset(preset, variant=variant)).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
+            model, opt, tokens = model_step_inputs(preset, variant, T, device)
             reset_peak(device)
             first = timed(train_step, device, model, opt, tokens)
             seconds = timed(train_step, device, model, opt, tokens)

@@ -197,10 +197,7 @@ def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row
                 on_row(rows, {"check": name, "skipped": "deadline", "ok": True})
                 continue
             try:
-                torch.manual_seed(0)
-                model = TitansLM(TitansConfig.from_preset(preset, variant=variant)).to(device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
+                model, opt, tokens = model_step_inputs(preset, variant, T, device)
                 reset_peak(device)
                 # the warm-up step is also a first timing, which decides on the next length
                 seconds = timed(train_step, device, model, opt, tokens)
@@ -215,6 +212,14 @@ def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row
             finally:
                 model = opt = None
     return rows
+
+
+def model_step_inputs(preset: str, variant: str, T: int, device: str):
+    """(model, AdamW, tokens (1, T + 1)) for one timed training step, seeded."""
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset(preset, variant=variant)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt, torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
 
 
 def train_step(model, opt, tokens) -> None:

@@ -97,13 +97,13 @@ def stream(model, ids, *, piece: int = 2048, state=None, losses: bool = False):
 @torch.no_grad()
 def greedy_continue(model, logits, state, n_tokens: int, stop_ids=()) -> list[int]:
     """n_tokens greedy tokens after `logits` (V,) on `state`, stopping early at a stop id."""
-    out = []
+    out, device = [], _device(model)
     for _ in range(n_tokens):
         nxt = int(logits.argmax())
         if nxt in stop_ids:
             break
         out.append(nxt)
-        logits, state = model(torch.tensor([[nxt]], device=_device(model)), state)
+        logits, state = model(torch.tensor([[nxt]], device=device), state)
         logits = logits[0, -1].float()
     return out
 
