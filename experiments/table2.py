@@ -29,9 +29,9 @@ SUITES = {"niah": "niah_single_1,niah_single_2,niah_single_3",
 
 
 def config(variant: str, seed: int, args, out: Path):
-    from titans.train import config_from_dict
+    from titans.train import apply_overrides, config_from_dict
 
-    return config_from_dict({
+    cfg = config_from_dict({
         "model": {"preset": "tiny", "variant": variant},
         "data": {"dir": args.data, "sources": "pypi", "tokenizer": "byte", "seq_len": args.seq_len,
                  "tasks": SUITES[args.suite], "task_mix": 1.0, "task_loss": "answer"},
@@ -43,6 +43,7 @@ def config(variant: str, seed: int, args, out: Path):
                   "tensorboard": False, "progress": False, "log_every": 25,
                   "init_from": str(Path(args.table1_runs) / f"{variant}-s{seed}")},
     }, source="table2")
+    return apply_overrides(cfg, args.overrides)
 
 
 def main() -> int:
@@ -73,6 +74,9 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=10)
     p.add_argument("--data", default="data")
     p.add_argument("--table1-runs", default="out/table1")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer config override for every fine-tune (e.g. model.forget_to=init, to match "
+                        "--table1-runs trained with that option)")
     p.add_argument("--runs", default=None, help="run folders (default out/table2 or out/babilong)")
     p.add_argument("--out", default=None, help="results (default results/table2 or results/babilong)")
     args = p.parse_args()

@@ -194,6 +194,20 @@ def set_key(cfg: TrainConfig, dotted: str, value, *, source: str = "--set") -> N
     raise TitansError(f"{source}: unknown key {dotted!r}{_suggest(dotted, every)}")
 
 
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `section.key=value` strings (values parsed as YAML) to `cfg` in place, as `--set` does."""
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise TitansError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        set_key(cfg, key.strip(), value)
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML config (a path, or the name of a file in configs/), then apply `key=value`
     overrides (values are parsed as YAML: 3e-4, true, [1, 2])."""
@@ -213,15 +227,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         cfg = config_from_dict(data, source=str(p))
         if "out" not in (data.get("train") or {}):
             cfg.train.out = f"out/runs/{p.stem}"
-    for item in overrides:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise TitansError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        set_key(cfg, key.strip(), value)
+    apply_overrides(cfg, overrides)
     _validate(cfg)
     cfg.model_config(cfg.model.get("vocab_size", 256))  # model errors now, not after the data is built
     return cfg

@@ -1,0 +1,35 @@
+"""experiments/table2.py builds its fine-tune configs from the Table-1 runs: `--set` must reach the
+model config (a fine-tune from runs trained with forget_to=init needs the same option, or
+train.init_from refuses the checkpoint), and a bad key must say so."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import table2  # noqa: E402
+
+from titans.errors import TitansError  # noqa: E402
+
+
+def _args(**kw):
+    base = dict(data="data", seq_len=256, suite="babilong", lr=1e-3, steps=10, batch_size=2, bptt=0,
+                max_minutes=0.0, device="cpu", compile=False, table1_runs="out/t1", overrides=[])
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_table2_set_reaches_the_model_config(tmp_path):
+    plain = table2.config("mac", 0, _args(), tmp_path)
+    assert plain.model.get("forget_to", "zero") == "zero"
+    cfg = table2.config("mac", 1, _args(overrides=["model.forget_to=init", "optim.lr=3e-4"]), tmp_path)
+    assert cfg.model["forget_to"] == "init" and cfg.optim.lr == 3e-4
+    assert cfg.train.init_from.endswith("mac-s1") and "babilong_qa5" in cfg.data.tasks
+    assert cfg.model_config(256).forget_to == "init"
+
+
+@pytest.mark.parametrize("bad, says", [("model.forget_to", "key=value"), ("optim.lrr=1", "optim.lrr")])
+def test_table2_bad_set_names_the_problem(tmp_path, bad, says):
+    with pytest.raises(TitansError, match=says):
+        table2.config("mac", 0, _args(overrides=[bad]), tmp_path)
