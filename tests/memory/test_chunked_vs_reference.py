@@ -142,17 +142,20 @@ def test_forget_to_is_validated():
             run(fn, inp, 2, forget_to="init_weights")
 
 
-def test_compiled_chunk_step_matches_reference():
+@pytest.mark.parametrize("forget_to", ["zero", "init"])
+def test_compiled_chunk_step_matches_reference(forget_to):
     """titans.memory.compile_chunks: the torch.compile'd chunk step (its functional state update
     instead of the in-place one) against the float64 token loop, outputs, state and gradients,
-    with an initial state and T not a multiple of the chunk. Compiling takes about a minute on 2 cores."""
+    with an initial state and T not a multiple of the chunk, for both forgetting rules (the
+    "init" rule runs the anchored path: the offset U = W - W_0 and the W_0 read). Compiling takes
+    about a minute on 2 cores."""
     from titans.memory import chunks_compiled, compile_chunks
 
     compile_chunks()
     try:
         assert chunks_compiled()
         inp = make_inputs(2, 2, 37, 5, 2, per_layer=True, seed=7)
-        _compare(inp, 16, 5, 7)
+        _compare(inp, 16, 5, 7, forget_to=forget_to)
     finally:
         compile_chunks(False)
     assert not chunks_compiled()
