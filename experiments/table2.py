@@ -72,6 +72,9 @@ def main() -> int:
                         "to compile, then ~4x faster memory on an H100)")
     p.add_argument("--lengths", default="1k,4k,16k,64k")
     p.add_argument("--examples", type=int, default=10)
+    p.add_argument("--eval-batch", type=int, default=1,
+                   help="examples evaluated side by side (titans eval --batch-size; shorter prompts get up "
+                        "to 32 leading document separators)")
     p.add_argument("--data", default="data")
     p.add_argument("--table1-runs", default="out/table1")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -98,7 +101,7 @@ def main() -> int:
                             resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             result = evaluate(run, [args.suite], lengths, data_dir=args.data, n_examples=args.examples,
                               seed=1000 + seed, out_dir=run / "eval", command="experiments/table2.py",
-                              device=args.device,
+                              device=args.device, batch_size=args.eval_batch,
                               log=lambda m: print(m, flush=True))
             (root / f"{name}.json").write_text(json.dumps({"variant": variant, "seed": seed, "train": summary,
                                                            "rows": result["rows"]}, indent=1))

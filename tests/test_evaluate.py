@@ -16,9 +16,12 @@ from titans.device import pick_device
 from titans.errors import TitansError
 from titans.evaluate import (
     answer,
+    answers,
+    eval_mqar,
     eval_position,
     eval_ppl,
     eval_text_task,
+    greedy_continue,
     lambada_examples,
     parse_lengths,
     stream,
@@ -73,6 +76,54 @@ def test_greedy_answer_equals_generate(model):
     assert got == tok.decode(ref)
 
 
+def test_batched_answers_equal_one_by_one(model):
+    """answers() streams prompts side by side: equal-length prompts give exactly the solo answers;
+    a shorter prompt gives the solo answer of itself behind the leading separators it was padded
+    with; each row is cut to its own token budget."""
+    tok = ByteTokenizer()
+    same = ["The pass key is 4821. Key?", "The pass key is 7310. Key?", "A cat sat on a mat. Where?"]
+    assert len({len(tok.encode(p)) for p in same}) == 1
+    assert answers(model, tok, same, 9, piece=5) == [answer(model, tok, p, 9, piece=5) for p in same]
+    short, long = "Where is Mary?", "Mary went to the kitchen. Where is Mary?"
+    got = answers(model, tok, [short, long], [3, 10], piece=7)
+    assert got[1] == answer(model, tok, long, 10, piece=7)
+    pad = len(tok.encode(long)) - len(tok.encode(short))
+    logits, state, _ = stream(model, [tok.eos_id] * pad + tok.encode(short), piece=7)
+    assert got[0] == tok.decode(greedy_continue(model, logits, state, 3, {tok.eos_id}))
+    with pytest.raises(ValueError, match="one per prompt"):
+        answers(model, tok, [short, long], [3])
+    with pytest.raises(ValueError, match="no prompts"):
+        answers(model, tok, [], 3)
+
+
+def test_batched_stream_rows_equal_single_rows(model):
+    ids = torch.randint(0, 256, (3, 40))
+    last, _, _ = stream(model, ids, piece=9)
+    assert last.shape == (3, 256)
+    for b in range(3):
+        torch.testing.assert_close(last[b], stream(model, ids[b], piece=9)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one row"):
+        stream(model, ids, losses=True)
+    with pytest.raises(ValueError, match=r"\(T,\) or \(B, T\)"):
+        stream(model, ids[None])
+
+
+def test_greedy_continue_stops_each_row_at_its_stop_id(model):
+    logits = torch.zeros(2, 256)
+    logits[0, 5], logits[1, 7] = 1.0, 1.0
+    state = model.init_state(2)
+    out = greedy_continue(model, logits, state, 4, stop_ids={7})
+    assert out[1] == [] and len(out[0]) >= 1 and out[0][0] == 5
+
+
+def test_batched_mqar_equals_one_by_one(model):
+    one = eval_mqar(model, [64], n_examples=3, n_pairs=4, piece=20, log=lambda *a: None)
+    three = eval_mqar(model, [64], n_examples=3, n_pairs=4, piece=20, batch_size=2, log=lambda *a: None)
+    assert one[0]["accuracy"] == three[0]["accuracy"] and one[0]["n"] == three[0]["n"] == 3
+    with pytest.raises(TitansError, match="batch size"):
+        eval_mqar(model, [64], n_examples=3, batch_size=0, log=lambda *a: None)
+
+
 def test_text_task_rows(model, corpus_dir):
     from titans.evaluate import haystack_text
 
@@ -82,6 +133,14 @@ def test_text_task_rows(model, corpus_dir):
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 2 and len(r["samples"]) == 2
         assert all(s["answer"].strip().isdigit() for s in r["samples"])
+    kw = dict(n_examples=3, haystack=haystack_text(corpus_dir), log=lambda *a: None)
+    solo = eval_text_task(model, ByteTokenizer(), "babilong_qa1", [400], **kw)
+    side = eval_text_task(model, ByteTokenizer(), "babilong_qa1", [400], batch_size=2, **kw)
+    assert side[0]["n"] == 3 and len(side[0]["samples"]) == 3  # the same examples, in the same order
+    assert [(s["depth"], s["answer"]) for s in side[0]["samples"]] == \
+        [(s["depth"], s["answer"]) for s in solo[0]["samples"]]
+    with pytest.raises(TitansError, match="batch size"):
+        eval_text_task(model, ByteTokenizer(), "babilong_qa1", [400], batch_size=0, **kw)
 
 
 def test_ppl_matches_a_direct_computation(model, corpus_dir):

@@ -63,7 +63,11 @@ def _device(model) -> torch.device:
 
 
 def _check_ids(model, ids) -> torch.Tensor:
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    """(T,) or a list -> (1, T); (B, T) stays (B, T). Long, on the model's device, ids in range."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() > 2:
+        raise ValueError(f"evaluate: token ids must be (T,) or (B, T), got shape {tuple(ids.shape)}")
+    ids = ids.reshape(1, -1) if ids.dim() < 2 else ids
     if ids.shape[1] == 0:
         raise ValueError("evaluate: the token sequence is empty")
     if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
@@ -74,12 +78,19 @@ def _check_ids(model, ids) -> torch.Tensor:
 
 @torch.no_grad()
 def stream(model, ids, *, piece: int = 2048, state=None, losses: bool = False):
-    """Feed ids (a list or (T,) tensor) through the model in pieces, carrying the state.
+    """Feed ids (a list or (T,) tensor; or (B, T) rows streamed side by side) through the model in
+    pieces, carrying the state.
 
-    Returns (logits of the last position (V,), state, per-token losses (T-1,) or None). The loss of
-    token t+1 is taken from the logits at t, across piece boundaries."""
+    Returns (logits of the last position (V,) or, for (B, T) input, (B, V); state; per-token losses
+    (T-1,) or None). The loss of token t+1 is taken from the logits at t, across piece boundaries
+    (one row only)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    batched = ids.dim() == 2
     ids = _check_ids(model, ids)
+    if losses and ids.shape[0] != 1:
+        raise ValueError(f"evaluate.stream: losses=True takes one row, got {ids.shape[0]}")
     out_losses = [] if losses else None
+    last = None
     prev = None
     for start in range(0, ids.shape[1], piece):
         chunk = ids[:, start:start + piece]
@@ -91,27 +102,57 @@ def stream(model, ids, *, piece: int = 2048, state=None, losses: bool = False):
             if chunk.shape[1] > 1:
                 out_losses.append(F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="none"))
         prev = logits[0, -1]
-    return prev, state, (torch.cat(out_losses).cpu() if losses and out_losses else None)
+        last = logits[:, -1]
+    per_token = torch.cat(out_losses).cpu() if losses and out_losses else None
+    return (last if batched else prev), state, per_token
 
 
 @torch.no_grad()
-def greedy_continue(model, logits, state, n_tokens: int, stop_ids=()) -> list[int]:
-    """n_tokens greedy tokens after `logits` (V,) on `state`, stopping early at a stop id."""
-    out, device = [], _device(model)
+def greedy_continue(model, logits, state, n_tokens: int, stop_ids=()):
+    """n_tokens greedy tokens after `logits` on `state`, stopping early at a stop id: a list of ids
+    for logits (V,), a list of such lists for logits (B, V) (rows decoded side by side; a row that
+    has stopped is still fed, its output is not kept)."""
+    single = logits.dim() == 1
+    logits = logits[None] if single else logits
+    outs: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    done = [False] * len(outs)
     for _ in range(n_tokens):
-        nxt = int(logits.argmax())
-        if nxt in stop_ids:
+        nxt = logits.argmax(-1)
+        for row, t in enumerate(nxt.tolist()):
+            done[row] = done[row] or t in stop_ids
+            if not done[row]:
+                outs[row].append(t)
+        if all(done):
             break
-        out.append(nxt)
-        logits, state = model(torch.tensor([[nxt]], device=device), state)
-        logits = logits[0, -1].float()
-    return out
+        logits, state = model(nxt[:, None], state)
+        logits = logits[:, -1].float()
+    return outs[0] if single else outs
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int, *, piece: int = 2048) -> str:
     """The model's greedy continuation of prompt (read on the streaming state)."""
-    logits, state, _ = stream(model, tokenizer.encode(prompt), piece=piece)
-    return tokenizer.decode(greedy_continue(model, logits, state, max_new_tokens, {tokenizer.eos_id}))
+    return answers(model, tokenizer, [prompt], max_new_tokens, piece=piece)[0]
+
+
+def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int = 2048) -> list[str]:
+    """Greedy continuations of several prompts, streamed side by side as one batch (much faster
+    than one by one where small ops dominate, as with the memory's chunk loop on a CPU). Shorter
+    prompts are left-padded with the document separator to the longest one, as training pads its
+    task rows; a row's result differs from answering it alone only by those leading separators
+    (none when all prompts have the same length, and none for a single prompt).
+    max_new_tokens: one count for all, or one per prompt (each row is cut to its own)."""
+    if not prompts:
+        raise ValueError("evaluate.answers: no prompts")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts) or min(limits) < 0:
+        raise ValueError(f"evaluate.answers: max_new_tokens must be an int >= 0 or one per prompt "
+                         f"({len(prompts)}), got {max_new_tokens}")
+    encoded = [tokenizer.encode(p) for p in prompts]
+    n = max(len(e) for e in encoded)
+    ids = torch.tensor([[tokenizer.eos_id] * (n - len(e)) + e for e in encoded], dtype=torch.long)
+    logits, state, _ = stream(model, ids, piece=piece)
+    outs = greedy_continue(model, logits.float(), state, max(limits), {tokenizer.eos_id})
+    return [tokenizer.decode(o[:k]) for o, k in zip(outs, limits, strict=True)]
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -131,27 +172,33 @@ def haystack_text(data_dir: str | Path) -> str:
 
 
 def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_examples: int, haystack: str,
-                   seed: int = 0, piece: int = 2048, log=print) -> list[dict]:
+                   seed: int = 0, piece: int = 2048, batch_size: int = 1, log=print) -> list[dict]:
     """Accuracy of one text task (a name in titans.tasks.TASKS) at each length; depths are spread
-    evenly over the examples (RULER)."""
+    evenly over the examples (RULER). batch_size > 1 streams that many examples side by side
+    (`answers`: shorter prompts get up to haystack.TOLERANCE leading separators)."""
     from .tasks import TASKS, score
 
     if task not in TASKS:
         raise TitansError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if batch_size < 1:
+        raise TitansError(f"batch size for evaluation must be >= 1, got {batch_size}")
     rows = []
     for length in lengths:
         correct, t0 = 0, time.perf_counter()
         samples = []
-        for i in range(n_examples):
-            depth = (i + 0.5) / n_examples
-            ex = TASKS[task](length, haystack=haystack, tokenizer=tokenizer, seed=seed + i, depth=depth)
-            n_answer = len(tokenizer.encode(ex.answer)) + 4
-            got = answer(model, tokenizer, ex.prompt, n_answer, piece=piece)
-            ok = score(ex, got)
-            correct += ok
-            if i < 3:
-                samples.append({"depth": round(depth, 3), "answer": ex.answer, "generated": got,
-                                "correct": ok})
+        for first in range(0, n_examples, batch_size):
+            idx = range(first, min(first + batch_size, n_examples))
+            depths = [(i + 0.5) / n_examples for i in idx]
+            exs = [TASKS[task](length, haystack=haystack, tokenizer=tokenizer, seed=seed + i, depth=d)
+                   for i, d in zip(idx, depths, strict=True)]
+            n_answer = [len(tokenizer.encode(ex.answer)) + 4 for ex in exs]
+            got = answers(model, tokenizer, [ex.prompt for ex in exs], n_answer, piece=piece)
+            for i, depth, ex, g in zip(idx, depths, exs, got, strict=True):
+                ok = score(ex, g)
+                correct += ok
+                if i < 3:
+                    samples.append({"depth": round(depth, 3), "answer": ex.answer, "generated": g,
+                                    "correct": ok})
         rows.append({"task": task, "length": length, "accuracy": correct / n_examples, "n": n_examples,
                      "seconds": time.perf_counter() - t0, "samples": samples})
         log(f"{task:18s} {length_label(length):>6s}: {correct}/{n_examples} correct "
@@ -161,25 +208,29 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
 
 @torch.no_grad()
 def eval_mqar(model, lengths: list[int], *, n_examples: int, n_pairs: int = 16, seed: int = 0,
-              piece: int = 2048, log=print) -> list[dict]:
-    """MQAR accuracy (argmax of the value after each queried key) at each sequence length."""
+              piece: int = 2048, batch_size: int = 1, log=print) -> list[dict]:
+    """MQAR accuracy (argmax of the value after each queried key) at each sequence length;
+    batch_size sequences are streamed side by side (same lengths: no padding)."""
     from .tasks import make_mqar
 
+    if batch_size < 1:
+        raise TitansError(f"batch size for evaluation must be >= 1, got {batch_size}")
     rows = []
     for length in lengths:
         inputs, targets = make_mqar(n_examples, length, n_pairs, vocab_size=model.config.vocab_size,
                                     seed=seed)
         inputs, targets = inputs.to(_device(model)), targets.to(_device(model))
         hit = total = 0
-        for b in range(n_examples):
+        for b in range(0, n_examples, batch_size):
             preds = []
             state = None
             for start in range(0, length, piece):
-                logits, state = model(inputs[b:b + 1, start:start + piece], state)
-                preds.append(logits[0].argmax(-1))
-            pred = torch.cat(preds)
-            mask = targets[b] != -100
-            hit += int((pred[mask] == targets[b][mask]).sum())
+                logits, state = model(inputs[b:b + batch_size, start:start + piece], state)
+                preds.append(logits.argmax(-1))
+            pred = torch.cat(preds, dim=1)
+            tgt = targets[b:b + batch_size]
+            mask = tgt != -100
+            hit += int((pred[mask] == tgt[mask]).sum())
             total += int(mask.sum())
         rows.append({"task": "mqar", "length": length, "accuracy": hit / max(total, 1), "n": n_examples,
                      "n_pairs": n_pairs})
@@ -335,14 +386,17 @@ def write_report(result: dict, out_dir: Path) -> dict:
 
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
-             out_dir: str | Path | None = None, command: str = "", device: str = "cpu", log=print) -> dict:
+             out_dir: str | Path | None = None, command: str = "", device: str = "cpu", batch_size: int = 1,
+             log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
-    report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N."""
+    report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N.
+    batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR)."""
     from .checkpoint import open_checkpoint
     from .model import count_parameters
 
-    if n_examples < 1 or max_tokens < 2 or piece < 1:
-        raise TitansError("--examples and --piece must be >= 1 and --max-tokens >= 2")
+    if n_examples < 1 or max_tokens < 2 or piece < 1 or batch_size < 1:
+        raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
+                          f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
     target = pick_device(device)
     ckpt = open_checkpoint(checkpoint)
     model, tokenizer = ckpt.load_model()
@@ -357,9 +411,10 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
         for name in names:
             haystack = haystack if haystack is not None else haystack_text(data_dir)
             rows += eval_text_task(model, tokenizer, name, lengths, n_examples=n_examples, haystack=haystack,
-                                   seed=seed, piece=piece, log=log)
+                                   seed=seed, piece=piece, batch_size=batch_size, log=log)
         if task == "mqar":
-            rows += eval_mqar(model, lengths, n_examples=n_examples, seed=seed, piece=piece, log=log)
+            rows += eval_mqar(model, lengths, n_examples=n_examples, seed=seed, piece=piece,
+                              batch_size=batch_size, log=log)
         elif task == "ppl":
             rows += eval_ppl(model, tokenizer, data_dir, max_tokens=max_tokens, piece=piece, log=log)
         elif task == "position":
@@ -369,7 +424,8 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
                                  log=log)
     result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
               "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
-              "max_tokens": max_tokens, "device": str(target), "command": command, "rows": rows}
+              "max_tokens": max_tokens, "device": str(target), "batch_size": batch_size, "command": command,
+              "rows": rows}
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
     result["paths"] = write_report(result, out)
     return result
@@ -393,6 +449,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--piece", type=int, default=2048, metavar="N",
                         help="tokens fed per forward call on the streaming state (default: 2048)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N",
+                        help="niah / babilong / mqar: examples streamed side by side, several times faster "
+                             "for small models; shorter prompts get up to 32 leading document separators "
+                             "(default: 1, each example alone)")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval")
 
@@ -414,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     command = "titans " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "titans eval"
     result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
                       n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
-                      out_dir=args.out, command=command, device=args.device)
+                      out_dir=args.out, command=command, device=args.device, batch_size=args.batch_size)
     print(Path(result["paths"]["md"]).read_text())
     print("Wrote " + ", ".join(result["paths"].values()))
     return 0
