@@ -42,7 +42,7 @@ def config(variant: str, seed: int, steps: int, out: Path, data: str):
 def run_all(args) -> None:
     from titans.checkpoint import list_checkpoints, load
     from titans.evaluate import eval_ppl
-    from titans.train import train
+    from titans.train import stop_if_interrupted, train
 
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,7 @@ def run_all(args) -> None:
             cfg.model.update(args.model_set)
             s = train(cfg, log=lambda m: print(m, flush=True),
                       resume=True if list_checkpoints(run) else None)  # an interrupted run continues
+            stop_if_interrupted(s, name)
             model, tok = load(run)
             t0 = time.perf_counter()
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)

@@ -49,7 +49,7 @@ def config(variant: str, seed: int, args, out: Path):
 def main() -> int:
     from titans.checkpoint import list_checkpoints
     from titans.evaluate import evaluate, parse_lengths
-    from titans.train import train
+    from titans.train import stop_if_interrupted, train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="niah",
@@ -99,6 +99,7 @@ def main() -> int:
             print(f"== {name}: fine-tune on {tasks} at {args.seq_len} tokens", flush=True)
             summary = train(config(variant, seed, args, run), log=lambda m: print(m, flush=True),
                             resume=True if list_checkpoints(run) else None)  # an interrupted run continues
+            stop_if_interrupted(summary, name)
             result = evaluate(run, [args.suite], lengths, data_dir=args.data, n_examples=args.examples,
                               seed=1000 + seed, out_dir=run / "eval", command="experiments/table2.py",
                               device=args.device, batch_size=args.eval_batch,

@@ -36,7 +36,7 @@ def slug(name: str) -> str:
 def main() -> int:
     from titans.checkpoint import list_checkpoints, load
     from titans.evaluate import eval_ppl
-    from titans.train import train
+    from titans.train import stop_if_interrupted, train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
@@ -63,6 +63,7 @@ def main() -> int:
             cfg.model.update(overrides)
             s = train(cfg, log=lambda m: print(m, flush=True),
                       resume=True if list_checkpoints(run) else None)  # an interrupted run continues
+            stop_if_interrupted(s, run_name)
             model, tok = load(run)
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)
             s["test_bpb"] = ppl[-1]["bpb"]

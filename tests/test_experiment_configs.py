@@ -1,6 +1,7 @@
-"""experiments/table2.py builds its fine-tune configs from the Table-1 runs: `--set` must reach the
-model config (a fine-tune from runs trained with forget_to=init needs the same option, or
-train.init_from refuses the checkpoint), and a bad key must say so."""
+"""The experiment drivers. experiments/table2.py builds its fine-tune configs from the Table-1
+runs: `--set` must reach the model config (a fine-tune from runs trained with forget_to=init needs
+the same option, or train.init_from refuses the checkpoint), and a bad key must say so. A run that
+a signal cut short must not be recorded as a result."""
 
 import sys
 from pathlib import Path
@@ -33,3 +34,19 @@ def test_table2_set_reaches_the_model_config(tmp_path):
 def test_table2_bad_set_names_the_problem(tmp_path, bad, says):
     with pytest.raises(TitansError, match=says):
         table2.config("mac", 0, _args(overrides=[bad]), tmp_path)
+
+
+def test_a_signalled_run_is_not_recorded_as_finished():
+    """The drivers (table1/2/5) call stop_if_interrupted after each train(): a run that SIGTERM cut
+    short must stop the driver instead of being evaluated and written as a result."""
+    from titans.train import stop_if_interrupted
+
+    base = {"steps": 120, "checkpoint": "out/x/checkpoints/step_00000120"}
+    for sig in ("SIGINT", "SIGTERM"):
+        with pytest.raises(SystemExit, match=f"mac-s1: stopped by {sig} at step 120.*not recorded"):
+            stop_if_interrupted({**base, "stopped_by": sig}, "mac-s1")
+    stop_if_interrupted({**base, "stopped_by": None}, "mac-s1")  # finished
+    stop_if_interrupted({**base, "stopped_by": "max_minutes"}, "mac-s1")  # a time-boxed run is a result
+    for script in ("table1.py", "table2.py", "table5.py"):
+        text = (Path(__file__).resolve().parents[1] / "experiments" / script).read_text()
+        assert text.count("stop_if_interrupted(") == 1, script
