@@ -63,6 +63,7 @@ def run_all(args) -> None:
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)
             s["test_bpb"] = ppl[-1]["bpb"]
             s["test_seconds"] = time.perf_counter() - t0
+            s["test_tokens"] = args.test_tokens  # per held-out document: compare tables at equal values
             s["seed"] = seed
             (root / f"{name}.json").write_text(json.dumps(s, indent=1))
             print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}  ({s['seconds']:.0f} s)", flush=True)
