@@ -11,7 +11,9 @@ scored), then evaluated on needles hidden in the held-out books, streamed on its
 The BABILong analog is the same pipeline with `--suite babilong` (fine-tune on generated bAbI
 QA1-QA5 examples, evaluate QA1-QA5 at each length); its defaults are out/babilong and results/babilong:
 
-    python experiments/table2.py --suite babilong --variants mac --lengths 1k,4k,16k,64k,256k,1m
+    python experiments/table2.py --suite babilong --variants mac --seq-len 1024 --bptt 0 \
+        --set model.forget_to=init --table1-runs out/table1_forget_to_init --lengths 1k,4k,16k,64k \
+        --eval-batch 10        # the README's run (the Table-1 runs trained with forget_to=init)
 
 Resumable like table1.py. Checkpoints in out/table2/, numbers in results/table2/.
 """
@@ -105,9 +107,26 @@ def main() -> int:
                               device=args.device, batch_size=args.eval_batch,
                               log=lambda m: print(m, flush=True))
             (root / f"{name}.json").write_text(json.dumps({"variant": variant, "seed": seed, "train": summary,
-                                                           "rows": result["rows"]}, indent=1))
+                                                           "fit": fit_stats(run), "rows": result["rows"]},
+                                                          indent=1))
     print(table(root, lengths, tasks.split(",")))
     return 0
+
+
+def fit_stats(run: Path, last: int = 50) -> dict:
+    """How the fine-tune went, from the run's metrics.jsonl (the whole history, so a resumed run
+    reports all of it): steps, tokens, the last logged tokens/s, the mean answer-token loss of the
+    first and the last `last` steps, and the largest gradient norm (before clipping)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = {r["step"]: r for r in rows if "loss" in r}  # the last record of a step wins (resume)
+    if not steps:
+        return {}
+    losses = [steps[k]["loss"] for k in sorted(steps)]
+    end = steps[max(steps)]
+    return {"steps": max(steps), "tokens": end["tokens"], "tok_per_s": end["tok_per_s"],
+            f"loss_first_{last}": statistics.mean(losses[:last]),
+            f"loss_last_{last}": statistics.mean(losses[-last:]),
+            "max_grad_norm": max(r["grad_norm"] for r in steps.values())}
 
 
 def table(root: Path, lengths: list[int], tasks: list[str]) -> str:

@@ -3,6 +3,7 @@ runs: `--set` must reach the model config (a fine-tune from runs trained with fo
 the same option, or train.init_from refuses the checkpoint), and a bad key must say so. A run that
 a signal cut short must not be recorded as a result."""
 
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import answer_prior  # noqa: E402
 import table2  # noqa: E402
 
 from titans.errors import TitansError  # noqa: E402
@@ -50,3 +52,30 @@ def test_a_signalled_run_is_not_recorded_as_finished():
     for script in ("table1.py", "table2.py", "table5.py"):
         text = (Path(__file__).resolve().parents[1] / "experiments" / script).read_text()
         assert text.count("stop_if_interrupted(") == 1, script
+
+
+def test_fit_stats_read_the_whole_history(tmp_path):
+    """table2.fit_stats: a resumed run's metrics repeat steps; the last record of a step counts,
+    validation records are skipped."""
+    import json
+
+    recs = [{"step": s, "tokens": 10 * s, "loss": float(s), "grad_norm": 1.0, "tok_per_s": 5.0}
+            for s in range(1, 5)]
+    recs += [{"step": 3, "tokens": 30, "loss": 30.0, "grad_norm": 9.0, "tok_per_s": 6.0},  # resumed at 2
+             {"step": 4, "tokens": 40, "val_loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    got = table2.fit_stats(tmp_path, last=2)
+    assert got["steps"] == 4 and got["tokens"] == 40 and got["max_grad_norm"] == 9.0
+    assert got["loss_first_2"] == 1.5 and got["loss_last_2"] == (30.0 + 4.0) / 2
+
+
+def test_answer_prior_of_the_room_tasks_is_uniform_over_six_rooms():
+    """QA1-QA4 answer with one of 6 rooms, drawn about uniformly: entropy near ln 6, " <room>" is
+    1 + 6.83 bytes on average; the mix floor lies between the QA5-only and room-only values."""
+    out = answer_prior.answer_prior(600)
+    for r in out["rows"][:4]:
+        assert r["answers"] == 6 and abs(r["entropy_nats"] - math.log(6)) < 0.02
+        assert 7.5 < r["answer_tokens"] < 8.2 and r["majority_accuracy"] < 0.25
+    room = out["rows"][0]["entropy_nats"] / out["rows"][0]["answer_tokens"]
+    qa5 = out["rows"][4]["entropy_nats"] / out["rows"][4]["answer_tokens"]
+    assert min(room, qa5) < out["mix_loss_per_answer_token"] < max(room, qa5)
