@@ -197,7 +197,7 @@ def set_key(cfg: TrainConfig, dotted: str, value, *, source: str = "--set") -> N
 def stop_if_interrupted(summary: dict, name: str) -> None:
     """For experiment drivers that run many trainings: a run that SIGINT / SIGTERM stopped returned
     early with a checkpoint; it must not be recorded as finished, and the driver must not go on to
-    the next run. Raises SystemExit(130) with a one-line message (rerunning the command resumes)."""
+    the next run. Raises SystemExit with a one-line message (exit status 1; rerunning resumes)."""
     if summary.get("stopped_by") in ("SIGINT", "SIGTERM"):
         raise SystemExit(f"{name}: stopped by {summary['stopped_by']} at step {summary['steps']} "
                          f"(checkpoint {summary['checkpoint']}); not recorded. Run the same command to "
