@@ -19,7 +19,8 @@ from titans.errors import TitansError  # noqa: E402
 
 def _args(**kw):
     base = dict(data="data", seq_len=256, suite="babilong", lr=1e-3, steps=10, batch_size=2, bptt=0,
-                max_minutes=0.0, device="cpu", compile=False, table1_runs="out/t1", overrides=[])
+                max_minutes=0.0, device="cpu", compile=False, table1_runs="out/t1", overrides=[],
+                task_mix=1.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -30,6 +31,8 @@ def test_table2_set_reaches_the_model_config(tmp_path):
     assert cfg.model["forget_to"] == "init" and cfg.optim.lr == 3e-4
     assert cfg.train.init_from.endswith("mac-s1") and "babilong_qa5" in cfg.data.tasks
     assert cfg.model_config(256).forget_to == "init"
+    mixed = table2.config("mac", 0, _args(task_mix=0.5), tmp_path)
+    assert plain.data.task_mix == 1.0 and mixed.data.task_mix == 0.5
 
 
 @pytest.mark.parametrize("bad, says", [("model.forget_to", "key=value"), ("optim.lrr=1", "optim.lrr")])
