@@ -155,7 +155,12 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(tmp_path, corpu
     assert Path(part["checkpoint"]).name == "step_00000001"
     assert math.isfinite(part["val_loss"])  # validated where the budget stopped it
     cfg.train.max_minutes = 0.0
-    assert train(cfg, resume=True, log=quiet)["steps"] == 6
+    done = train(cfg, resume=True, log=quiet)
+    assert done["steps"] == 6
+    again = train(cfg, resume=True, log=quiet)  # already finished: reports its last numbers, not None
+    assert again["steps"] == 6 and again["val_loss"] == done["val_loss"]
+    assert again["val_bpb"] == done["val_bpb"] is not None
+    assert again["checkpoint"] == done["checkpoint"] and again["stopped_by"] is None
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run_bit_for_bit(tmp_path, corpus_dir):

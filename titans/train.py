@@ -354,12 +354,14 @@ class _Metrics:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        self.kept: list[dict] = []
         if not enabled:
             return
         kept = []
         if resume_step is not None and self.path.exists():  # drop records past the resumed step
             kept = [line for line in self.path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= resume_step]
+        self.kept = [json.loads(line) for line in kept]
         self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -368,6 +370,11 @@ class _Metrics:
             except ImportError:
                 print("titans train: tensorboard is not installed; writing metrics.jsonl only "
                       "(pip install tensorboard)", file=sys.stderr)
+
+    def last_validation(self, step: int) -> dict | None:
+        """The validation record of `step` kept from before a resume (None if there is none)."""
+        found = [r for r in self.kept if r["step"] == step and "val_loss" in r]
+        return found[-1] if found else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -515,6 +522,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
             from tqdm.auto import tqdm
             progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
         last_ckpt, last_val, stopped, warned_grad = None, None, None, False
+        if ckpt is not None:  # resuming: a run that is already done reports its own last numbers
+            last_ckpt, last_val = ckpt.path, metrics.last_validation(step)
         start, start_step = time.perf_counter(), step
         net.train()
         with _StopFlag() as stop:
