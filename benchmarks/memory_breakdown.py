@@ -1,0 +1,92 @@
+"""Where the memory layer's peak RSS goes (issue 2's benchmark setting, one forward + backward):
+the tensors autograd saves in the forward pass, and the process RSS at the start, after the
+forward, around the chunk step's backward, and the peak.
+
+    python benchmarks/memory_breakdown.py --T 4096
+    python benchmarks/memory_breakdown.py --T 4096 --recompute coefficients,projections
+
+--recompute wraps pieces in torch.utils.checkpoint (saved inputs only, recomputed in backward), to
+show what saving less in the forward buys: `coefficients` (chunk_coefficients, the b x b decay
+matrices) and `projections` (NeuralMemory's q/k/v projection, conv and L2 norm). Gradients are
+checked equal to the plain run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import resource
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    import memory_speed as ms
+    import psutil
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    import titans.memory.chunked as chunked
+    import titans.memory.layer as layer
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--recompute", default="", help="comma-separated: coefficients, projections")
+    args = p.parse_args()
+    recompute = {r for r in args.recompute.split(",") if r}
+    if recompute - {"coefficients", "projections"}:
+        p.error(f"--recompute takes coefficients and/or projections, got {args.recompute!r}")
+    if "coefficients" in recompute:
+        coef = chunked.chunk_coefficients
+        chunked.chunk_coefficients = lambda *a: checkpoint(coef, *a, use_reentrant=False)
+    if "projections" in recompute:
+        qkv = layer.NeuralMemory._qkv
+        layer.NeuralMemory._qkv = lambda self, x, cache: checkpoint(qkv, self, x, cache, use_reentrant=False)
+
+    proc, marks = psutil.Process(), {}
+
+    def mark(label: str) -> None:
+        marks[label] = round(proc.memory_info().rss / 1e6)
+
+    backward = chunked._MemoryChunks.backward
+
+    def traced_backward(ctx, *grads):
+        mark("chunk step backward: start")
+        out = backward(ctx, *grads)
+        mark("chunk step backward: end")
+        return out
+
+    chunked._MemoryChunks.backward = traced_backward
+    torch.manual_seed(0)
+    module = ms.build("titans")
+    ms.step(module, torch.randn(ms.BATCH, 256, ms.DIM))  # warm-up
+    module.zero_grad(set_to_none=True)
+    x = torch.randn(ms.BATCH, args.T, ms.DIM, requires_grad=True)
+    saved: dict[int, tuple[int, tuple]] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape))
+        return t
+
+    mark("start")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)[0]
+    mark("after forward")
+    out.float().square().mean().backward()
+    mark("after backward")
+    by_shape = collections.Counter()
+    for nbytes, shape in saved.values():
+        by_shape[str(shape)] += nbytes
+    result = {"T": args.T, "recompute": sorted(recompute), "threads": torch.get_num_threads(),
+              "saved_mb": round(sum(n for n, _ in saved.values()) / 1e6),
+              "saved_by_shape_mb": {k: round(v / 1e6, 1) for k, v in by_shape.most_common(8)},
+              "rss_mb": marks, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3),
+              "grad_abs_sum": x.grad.double().abs().sum().item()}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
