@@ -18,29 +18,36 @@
 #
 # MAC_COMPILE=1 compiles MAC's memory chunk step (train.compile): ~4x faster memory on an H100 after
 # about a minute of compiling (2026-11-26: measured on the memory layer, not yet on this fine-tune).
+# MAC_INIT=1 fine-tunes the MAC trained with forgetting towards W_0 (out/table1_forget_to_init/mac-s0,
+# staged as .gpu/table1_init) with --set model.forget_to=init: full backprop stays stable there.
+# Evaluation streams all examples of a cell side by side (--eval-batch).
 set -u
 if [ "${1:-}" = "--stage" ]; then
-    rm -rf .gpu && mkdir -p .gpu/data .gpu/table1
+    rm -rf .gpu && mkdir -p .gpu/data
     cp -r data/corpus .gpu/data/corpus
-    for run in mac-s0 transformer-s0; do
-        ckpt=$(ls -d out/table1/$run/checkpoints/step_* | tail -1)
-        dest=.gpu/table1/$run/checkpoints/$(basename "$ckpt")
+    for src in out/table1/mac-s0 out/table1/transformer-s0 out/table1_forget_to_init/mac-s0; do
+        ckpt=$(ls -d $src/checkpoints/step_* 2>/dev/null | tail -1)
+        if [ -z "$ckpt" ]; then echo "no checkpoint in $src (train it with experiments/table1.py): skipped"; continue; fi
+        case $src in *forget_to_init*) to=.gpu/table1_init ;; *) to=.gpu/table1 ;; esac
+        dest=$to/$(basename "$src")/checkpoints/$(basename "$ckpt")
         mkdir -p "$dest" && cp -r "$ckpt"/config.json "$ckpt"/model.safetensors "$ckpt"/tokenizer "$dest"/
     done
     du -sh .gpu
     exit 0
 fi
+MAC_RUNS=".gpu/table1"; MAC_SET=""
+if [ -n "${MAC_INIT:-}" ]; then MAC_RUNS=".gpu/table1_init"; MAC_SET="--set model.forget_to=init"; fi
 OUT=${OUT:-out/gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 if [ -n "${QUICK:-}" ]; then
     CHECKS="--device cpu --quick --deadline 60"; CHECKS_S=120
-    FT="--seq-len 256 --batch-size 2 --steps 3 --lengths 256,512 --examples 1 --device cpu"
+    FT="--seq-len 256 --batch-size 2 --steps 3 --lengths 256,512 --examples 2 --eval-batch 2 --device cpu"
     FT_MAC_S=200; FT_TF_S=200
 else
     CHECKS="--deadline 150 --cell-budget 25"; CHECKS_S=170
-    FT="--seq-len 512 --batch-size 32 --steps 2000 --lr 1e-3 --lengths 512,2k,8k,32k --examples 6 --device cuda"
+    FT="--seq-len 512 --batch-size 32 --steps 2000 --lr 1e-3 --lengths 512,2k,8k,32k --examples 6 --eval-batch 6 --device cuda"
     FT_MAC_S=250; FT_TF_S=110
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
@@ -48,7 +55,7 @@ timeout -k 10 $CHECKS_S $PY benchmarks/gpu_checks.py $CHECKS --out "$OUT/gpu_che
 echo "gpu_checks exit $?" >> "$OUT/device.txt"
 # the fine-tunes stop on their own after --max-minutes (with a checkpoint), then evaluate
 timeout -k 20 $FT_MAC_S $PY experiments/table2.py --variants mac --seeds 0 --bptt 0 --max-minutes ${MAC_MIN:-2.25} $FT ${MAC_COMPILE:+--compile} \
-    --data .gpu/data --table1-runs .gpu/table1 --runs out/table2_gpu --out out/table2_gpu/results > "$OUT/table2_mac.log" 2>&1
+    $MAC_SET --data .gpu/data --table1-runs $MAC_RUNS --runs out/table2_gpu --out out/table2_gpu/results > "$OUT/table2_mac.log" 2>&1
 echo "table2 mac exit $?" >> "$OUT/device.txt"
 timeout -k 20 $FT_TF_S $PY experiments/table2.py --variants transformer --seeds 0 --bptt 0 --max-minutes ${TF_MIN:-0.75} $FT \
     --data .gpu/data --table1-runs .gpu/table1 --runs out/table2_gpu --out out/table2_gpu/results > "$OUT/table2_transformer.log" 2>&1
