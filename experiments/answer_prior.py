@@ -17,14 +17,16 @@ import math
 
 
 def answer_prior(stories: int) -> dict:
+    from titans.data.tokenizer import ByteTokenizer
     from titans.tasks.babilong import make_babi
 
+    tok = ByteTokenizer()
     rows, nats, tokens = [], 0.0, 0.0
     for qa in range(1, 6):
         counts = collections.Counter(make_babi(qa, seed)[2] for seed in range(stories))
         probs = [c / stories for c in counts.values()]
         entropy = -sum(p * math.log(p) for p in probs)
-        n_tok = sum(c * len((" " + a).encode()) for a, c in counts.items()) / stories
+        n_tok = sum(c * len(tok.encode(" " + a)) for a, c in counts.items()) / stories
         rows.append({"qa": qa, "answers": len(counts), "entropy_nats": entropy, "answer_tokens": n_tok,
                      "majority_accuracy": max(probs)})
         nats, tokens = nats + entropy, tokens + n_tok

@@ -90,21 +90,19 @@ def stream(model, ids, *, piece: int = 2048, state=None, losses: bool = False):
     if losses and ids.shape[0] != 1:
         raise ValueError(f"evaluate.stream: losses=True takes one row, got {ids.shape[0]}")
     out_losses = [] if losses else None
-    last = None
-    prev = None
+    last = None  # (B, V): the logits of each row's last token so far
     for start in range(0, ids.shape[1], piece):
         chunk = ids[:, start:start + piece]
         logits, state = model(chunk, state)
         logits = logits.float()
         if losses:
-            if prev is not None:
-                out_losses.append(F.cross_entropy(prev[None], chunk[0, :1], reduction="none"))
+            if last is not None:
+                out_losses.append(F.cross_entropy(last[:1], chunk[0, :1], reduction="none"))
             if chunk.shape[1] > 1:
                 out_losses.append(F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="none"))
-        prev = logits[0, -1]
         last = logits[:, -1]
     per_token = torch.cat(out_losses).cpu() if losses and out_losses else None
-    return (last if batched else prev), state, per_token
+    return (last if batched else last[0]), state, per_token
 
 
 @torch.no_grad()

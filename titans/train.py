@@ -357,12 +357,10 @@ class _Metrics:
         self.kept: list[dict] = []
         if not enabled:
             return
-        kept = []
         if resume_step is not None and self.path.exists():  # drop records past the resumed step
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-        self.kept = [json.loads(line) for line in kept]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            self.kept = [r for r in records if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
