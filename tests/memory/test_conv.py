@@ -1,5 +1,6 @@
 """The fused causal depthwise conv + SiLU against torch's conv1d, and its streaming cache."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,9 +12,10 @@ def _reference(x, cache, w):
     return F.silu(F.conv1d(xp, w.unsqueeze(1), groups=w.shape[0])).transpose(1, 2)
 
 
-def test_matches_conv1d_values_and_gradients():
+@pytest.mark.parametrize("T", [1, 2, 9, 600])  # shorter than the cache, longer, several dot blocks
+def test_matches_conv1d_values_and_gradients(T):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(2, T, 5, dtype=torch.float64, generator=g, requires_grad=True)
     cache = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     y, y_ref = causal_conv_silu(x, cache, w), _reference(x, cache, w)

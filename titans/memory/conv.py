@@ -29,39 +29,62 @@ def conv_tail(x: Tensor, cache: Tensor) -> Tensor:
     return torch.cat([cache, x], dim=1)[:, -K1:]
 
 
-def _pre_activation(xp: Tensor, weight: Tensor, T: int) -> Tensor:
-    K = weight.shape[1]
-    pre = xp[:, K - 1:K - 1 + T] * weight[:, K - 1]
-    for i in range(K - 1):
-        pre.addcmul_(xp[:, i:i + T], weight[:, i])
+def _shifts(K: int, T: int):
+    """(i, s, m) for each tap i < K-1 of the kernel: it reads the input s = K-1-i steps back, and the
+    first m = min(s, T) outputs take that input from the cache (rows K-1-s .. K-1-s+m-1)."""
+    return [(i, K - 1 - i, min(K - 1 - i, T)) for i in range(K - 1)]
+
+
+def _pre_activation(x: Tensor, cache: Tensor, w: Tensor) -> Tensor:
+    """sum_i w[:, i] * x_{t-K+1+i} with x_{<0} from the cache, without concatenating [cache || x]
+    (that copy is as large as the activation)."""
+    T, K = x.shape[1], w.shape[1]
+    pre = x * w[:, K - 1]
+    for i, s, m in _shifts(K, T):
+        if T > s:
+            pre[:, s:].addcmul_(x[:, :T - s], w[:, i])
+        pre[:, :m].addcmul_(cache[:, K - 1 - s:K - 1 - s + m], w[:, i])
     return pre
+
+
+def _channel_dot(a: Tensor, b: Tensor, block: int = 256) -> Tensor:
+    """sum over (batch, time) of a * b, per channel, for (B, T, C) tensors; in time blocks, so the
+    product never takes a full activation's memory."""
+    out = a.new_zeros(a.shape[-1])
+    for t in range(0, a.shape[1], block):
+        out += (a[:, t:t + block] * b[:, t:t + block]).sum((0, 1))
+    return out
 
 
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cache, weight):
-        xp = torch.cat([cache.to(x.dtype), x], dim=1)
         ctx.save_for_backward(x, cache, weight)
-        return F.silu(_pre_activation(xp, weight.to(x.dtype), x.shape[1]))
+        return F.silu(_pre_activation(x, cache.to(x.dtype), weight.to(x.dtype)), inplace=True)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, cache, weight = ctx.saved_tensors
+        x, cache_in, weight = ctx.saved_tensors
         T, K = x.shape[1], weight.shape[1]
-        w = weight.to(x.dtype)
-        xp = torch.cat([cache.to(x.dtype), x], dim=1)
-        pre = _pre_activation(xp, w, T)
+        cache, w = cache_in.to(x.dtype), weight.to(x.dtype)
+        # two activation-sized buffers in all: SiLU'(p) = s + p s (1 - s) is built in place in
+        # `pre`, and the input gradient is then written into the buffer of `s`
+        pre = _pre_activation(x, cache, w)
         s = torch.sigmoid(pre)
-        # SiLU'(p) = s (1 + p (1 - s)), in place: this runs on the widest activation of the layer
-        dpre = torch.sub(1, s).mul_(pre).add_(1).mul_(s).mul_(dy)
-        del pre, s
-        dxp = torch.zeros_like(xp)
+        dpre = pre.mul_(s)
+        dpre.addcmul_(dpre, s, value=-1).add_(s).mul_(dy)
+        dx = torch.mul(dpre, w[:, K - 1], out=s)
+        dcache = torch.zeros_like(cache)
         dw = torch.empty_like(w)
-        for i in range(K):
-            dxp[:, i:i + T].addcmul_(dpre, w[:, i])
-            dw[:, i] = (dpre * xp[:, i:i + T]).sum((0, 1))
-        return dxp[:, K - 1:], dxp[:, :K - 1].to(cache.dtype), dw.to(weight.dtype)
+        dw[:, K - 1] = _channel_dot(dpre, x)
+        for i, s_, m in _shifts(K, T):
+            dw[:, i] = _channel_dot(dpre[:, :m], cache[:, K - 1 - s_:K - 1 - s_ + m])
+            if T > s_:
+                dx[:, :T - s_].addcmul_(dpre[:, s_:], w[:, i])
+                dw[:, i] += _channel_dot(dpre[:, s_:], x[:, :T - s_])
+            dcache[:, K - 1 - s_:K - 1 - s_ + m].addcmul_(dpre[:, :m], w[:, i])
+        return dx, dcache.to(cache_in.dtype), dw.to(weight.dtype)
 
 
 def check_sequence(owner: str, x: Tensor, dim: int) -> None:
