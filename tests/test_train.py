@@ -288,6 +288,25 @@ def test_exploding_gradients_get_one_warning_with_the_remedy(tmp_path, corpus_di
     assert len(warnings) == 1 and "train.bptt" in warnings[0]
 
 
+def test_a_non_finite_gradient_stops_training_with_the_remedy(tmp_path, corpus_dir, monkeypatch):
+    """The loss can stay finite while the gradient through a long memory chain overflows: clipping an
+    inf norm would zero the update and a NaN one would poison the weights, so neither may pass."""
+    import titans.train as tr
+
+    real = tr.forward_backward
+
+    def overflowing(net, *args, **kwargs):
+        loss = real(net, *args, **kwargs)
+        next(net.parameters()).grad.view(-1)[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(tr, "forward_backward", overflowing)
+    for clip in (1.0, 0.0):  # with and without gradient clipping
+        cfg = small_config(tmp_path / str(clip), corpus_dir, **{"train.steps": 2, "optim.grad_clip": clip})
+        with pytest.raises(TitansError, match=r"the gradient became (inf|nan) at step 0 .*train\.bptt"):
+            train(cfg, log=quiet)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 @pytest.fixture(scope="module")

@@ -541,8 +541,16 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                     raise TitansError(f"the training loss became {loss_val} at step {step} (lr "
                                       f"{scheduler.get_last_lr()[0]:.2e}); lower optim.lr or set "
                                       f"optim.grad_clip; resume from the last checkpoint in {run_dir}")
-                grad_norm = (torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-                             if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+                # the norm is taken even without clipping (max_norm inf), to catch a non-finite gradient
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                if not math.isfinite(float(grad_norm)):
+                    raise TitansError(
+                        f"the gradient became {float(grad_norm)} at step {step} while the loss was finite "
+                        f"({loss_val:.4g}); the weights were not updated. Backpropagating through the memory "
+                        f"over {d.seq_len} tokens can overflow (benchmarks/results/grad_norm_vs_length.md): "
+                        f"set train.bptt (e.g. 256), or model.forget_to=init, or lower optim.lr; resume from "
+                        f"the last checkpoint in {run_dir}")
                 if main and not warned_grad and float(grad_norm) > EXPLODING_GRAD_NORM:
                     warned_grad = True
                     say(f"warning: gradient norm {float(grad_norm):.3g} at step {step + 1} (clipped to "
