@@ -32,7 +32,9 @@ SETTINGS = dict(
 )
 
 
-def worker(variant: str, T: int, dtype: str, steps: int) -> dict:
+def make_step(variant: str, dtype: str):
+    """A fresh tiny model of `variant` (SETTINGS) with AdamW; returns step(tokens) -> (seconds,
+    whether the gradient was finite) for one training step on tokens (1, T + 1)."""
     import torch
 
     from titans.model import TitansConfig, TitansLM
@@ -42,10 +44,9 @@ def worker(variant: str, T: int, dtype: str, steps: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(tokens):
-        """One training step; returns (seconds, whether the gradient was finite). A non-finite
-        gradient (the memory variants' outer gradient overflows at long T from this init under the
-        paper's rule, benchmarks/results/grad_norm_vs_length.md) skips the update, as a trainer does,
-        so the next step runs on finite weights."""
+        """A non-finite gradient (the memory variants' outer gradient overflows at long T from this
+        init under the paper's rule, benchmarks/results/grad_norm_vs_length.md) skips the update, as
+        a trainer does, so the next step runs on finite weights."""
         bf16 = dtype == "bf16"
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -59,6 +60,13 @@ def worker(variant: str, T: int, dtype: str, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, finite
 
+    return step
+
+
+def worker(variant: str, T: int, dtype: str, steps: int) -> dict:
+    import torch
+
+    step = make_step(variant, dtype)
     step(torch.randint(0, 256, (1, 257)))  # warm-up: thread pools, first-call costs
     tokens = torch.randint(0, 256, (1, T + 1))
     # The first step at a new length also grows the heap to the new peak, and every fresh page
