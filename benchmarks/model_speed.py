@@ -133,6 +133,7 @@ def main() -> None:
                     "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
                     "first_step_seconds": statistics.median(r["first_step_seconds"] for r in ok),
                     "first_step_page_faults": statistics.median(r["first_step_page_faults"] for r in ok),
+                    "later_step_page_faults": statistics.median(r["later_step_page_faults"] for r in ok),
                     "grad_finite": all(r["grad_finite"] for r in ok),
                 }
                 if ok
