@@ -1,0 +1,39 @@
+"""benchmarks/model_speed.py and benchmarks/length_growth.py: the README's throughput and growth
+tables come from their workers, so the workers' bookkeeping is checked on a tiny run."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import length_growth  # noqa: E402
+import model_speed  # noqa: E402
+
+
+def test_model_speed_worker_reports_the_steady_state_apart_from_the_first_step():
+    r = model_speed.worker("swa", 64, "fp32", steps=3)
+    assert r["T"] == 64 and r["grad_finite"] is True
+    assert r["seconds"] > 0 and math.isclose(r["tokens_per_s"], 64 / r["seconds"])
+    assert r["first_step_seconds"] > 0
+    assert r["first_step_page_faults"] >= 0 and r["later_step_page_faults"] >= 0
+
+
+@pytest.mark.parametrize("variant", ["lmm", "transformer"])
+def test_length_growth_ratio_is_the_per_round_long_over_short_per_token_time(variant):
+    r = length_growth.worker(variant, 32, 96, rounds=2, dtype="fp32")
+    assert len(r["ratios"]) == len(r["us_per_token_short"]) == len(r["us_per_token_long"]) == 2
+    for ratio, s, lg in zip(r["ratios"], r["us_per_token_short"], r["us_per_token_long"]):
+        assert s > 0 and lg > 0 and math.isclose(ratio, lg / s, rel_tol=1e-9)
+    assert min(r["ratios"]) <= r["median_ratio"] <= max(r["ratios"]) and r["long_grad_finite"] is True
+
+
+def test_length_growth_refuses_bad_arguments(monkeypatch, capsys):
+    for argv, msg in ((["--variants", "mamba"], "unknown variant"),
+                      (["--short", "64", "--long", "32"], "0 < --short"),
+                      (["--rounds", "0"], "--rounds must be at least 1")):
+        monkeypatch.setattr(sys, "argv", ["length_growth.py", *argv])
+        with pytest.raises(SystemExit):
+            length_growth.main()
+        assert msg in capsys.readouterr().err
