@@ -224,6 +224,17 @@ def test_generate_greedy_matches_full_forward(variant):
     assert sampled.shape == (2, 9) and int(sampled.max()) < 256
 
 
+def test_project_kv_is_the_k_and_v_of_project():
+    """MAC projects its memory tokens with project_kv (no q): the same k (with RoPE) and v."""
+    att = Attention(8, 2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    pos = torch.arange(7, 12)
+    _, k, v = att.project(x, pos)
+    k2, v2 = att.project_kv(x, pos)
+    torch.testing.assert_close(k2, k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v2, v, rtol=1e-12, atol=1e-12)
+
+
 def test_persistent_slots_are_visible_to_every_query():
     att = Attention(8, 2, window=2, n_persistent=3).double()
     x = torch.randn(1, 6, 8, dtype=torch.float64)

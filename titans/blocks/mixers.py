@@ -136,7 +136,7 @@ class MAC(nn.Module):
         h, read_conv = self.memory.read(x, st.segment_weights, st.read_conv, projection=read)
         # 2. attend over [P || h || S]
         q, k_s, v_s = attn.project(x, pos)
-        _, k_h, v_h = attn.project(h, pos)
+        k_h, v_h = attn.project_kv(h, pos)  # memory tokens are keys and values only
         k_h, v_h = torch.cat([st.k_h, k_h], 2), torch.cat([st.v_h, v_h], 2)
         k_s, v_s = torch.cat([st.k_s, k_s], 2), torch.cat([st.v_s, v_s], 2)
         n = k_s.shape[2]  # segment tokens so far (earlier pieces + this one)
