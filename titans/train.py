@@ -542,18 +542,18 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                                       f"{scheduler.get_last_lr()[0]:.2e}); lower optim.lr or set "
                                       f"optim.grad_clip; resume from the last checkpoint in {run_dir}")
                 # the norm is taken even without clipping (max_norm inf), to catch a non-finite gradient
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-                if not math.isfinite(float(grad_norm)):
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
+                if not math.isfinite(grad_norm):
                     raise TitansError(
-                        f"the gradient became {float(grad_norm)} at step {step} while the loss was finite "
+                        f"the gradient became {grad_norm} at step {step} while the loss was finite "
                         f"({loss_val:.4g}); the weights were not updated. Backpropagating through the memory "
                         f"over {d.seq_len} tokens can overflow (benchmarks/results/grad_norm_vs_length.md): "
                         f"set train.bptt (e.g. 256), or model.forget_to=init, or lower optim.lr; resume from "
                         f"the last checkpoint in {run_dir}")
-                if main and not warned_grad and float(grad_norm) > EXPLODING_GRAD_NORM:
+                if main and not warned_grad and grad_norm > EXPLODING_GRAD_NORM:
                     warned_grad = True
-                    say(f"warning: gradient norm {float(grad_norm):.3g} at step {step + 1} (clipped to "
+                    say(f"warning: gradient norm {grad_norm:.3g} at step {step + 1} (clipped to "
                         f"{cfg.optim.grad_clip}). Backpropagating through a deep memory over long sequences "
                         f"can explode; set train.bptt (e.g. 256) to truncate it (README, 'Training').")
                 lr = scheduler.get_last_lr()[0]
@@ -565,7 +565,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                 elapsed = time.perf_counter() - start
                 tok_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
                 metrics.write({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
-                               "grad_norm": float(grad_norm), "tok_per_s": tok_s})
+                               "grad_norm": grad_norm, "tok_per_s": tok_s})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
