@@ -307,6 +307,17 @@ def test_a_non_finite_gradient_stops_training_with_the_remedy(tmp_path, corpus_d
             train(cfg, log=quiet)
 
 
+def test_cuda_graphs_on_the_cpu_is_a_clear_error(tmp_path, corpus_dir):
+    """train.cuda_graphs captures the memory's chunk loops as CUDA graphs: on the CPU it names the fix
+    and leaves the process-wide switch off."""
+    from titans.memory import chunks_graphed
+
+    cfg = small_config(tmp_path, corpus_dir, **{"train.cuda_graphs": "true", "train.device": "cpu"})
+    with pytest.raises(TitansError, match=r"train.cuda_graphs=true needs a CUDA device, got cpu"):
+        train(cfg, log=quiet)
+    assert not chunks_graphed()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from . import distributed
 from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
 from .device import pick_device
 from .errors import TitansError
-from .memory import chunks_compiled, compile_chunks
+from .memory import chunks_compiled, chunks_graphed, compile_chunks, graph_chunks
 from .model import PRESETS, TitansConfig, TitansLM, count_parameters
 
 # ----------------------------------------------------------------------------- configuration
@@ -83,6 +83,7 @@ class RunConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = True          # bf16 autocast (CUDA only)
     compile: bool = False      # torch.compile the neural memory's chunk step (titans.memory.compile_chunks)
+    cuda_graphs: bool = False  # run the memory's chunk loops as CUDA graphs (titans.memory.graph_chunks)
     fsdp: bool = False         # FSDP2 instead of DDP when run on several processes
     init_from: str = ""        # start from these weights (a run or checkpoint folder): fine-tuning
     eval_every: int = 200
@@ -400,7 +401,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
     from .data.stream import bits_per_byte, evaluate_loss, prepare, train_batch
 
     world = distributed.setup(torch.device("cuda" if cfg.train.device.startswith("cuda") else "cpu"))
-    compiled_here = False
+    compiled_here = graphed_here = False
     try:
         device = pick_device(cfg.train.device, world.local_rank)
         if device.type == "cuda":
@@ -481,6 +482,12 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         if t.compile and not chunks_compiled():  # the memory's chunk step (the launch-bound loop)
             compile_chunks()
             compiled_here = True
+        if t.cuda_graphs and not chunks_graphed():
+            if device.type != "cuda":
+                raise TitansError(f"train.cuda_graphs=true needs a CUDA device, got {device}: "
+                                  "drop the option or set train.device=cuda")
+            graph_chunks()
+            graphed_here = True
 
         use_bf16 = t.bf16 and device.type == "cuda"
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -612,6 +619,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
     finally:
         if compiled_here:
             compile_chunks(False)
+        if graphed_here:
+            graph_chunks(False)
         distributed.teardown()
 
 

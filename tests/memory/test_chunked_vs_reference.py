@@ -159,3 +159,63 @@ def test_compiled_chunk_step_matches_reference(forget_to):
     finally:
         compile_chunks(False)
     assert not chunks_compiled()
+
+
+class _ReplayGraph:
+    """A CPU stand-in for a CUDA graph: `replay` re-runs the captured function on the static
+    inputs and writes into the static outputs in place, as a graph replay does. A caller that read
+    stale inputs or kept the static outputs (instead of copies) would see wrong values."""
+
+    def __init__(self, fn, inputs):
+        self.fn, self.inputs, self.replays = fn, inputs, 0
+        self.out = fn(*inputs)
+
+    def replay(self):
+        from torch.utils._pytree import tree_flatten
+
+        self.replays += 1
+        for dst, src in zip(tree_flatten(self.out)[0], tree_flatten(self.fn(*self.inputs))[0], strict=True):
+            dst.copy_(src)
+
+
+@pytest.mark.parametrize("forget_to", ["zero", "init"])
+def test_graphed_chunk_loops_match_reference(monkeypatch, forget_to):
+    """titans.memory.graph_chunks: the chunk loops run as captured graphs (static inputs copied in,
+    outputs copied out, one graph per configuration), here with a CPU stand-in for the capture.
+    Two layers' worth of calls of one configuration with different data (the second forward
+    replays the first's graphs before either backward runs, as in a model) both match the float64
+    token loop, values and gradients, over several stretches of chunks; another length reuses them."""
+    from titans.memory import chunked, chunks_graphed, graph_chunks
+
+    graphs = []
+
+    def capture(fn, inputs):
+        graphs.append(_ReplayGraph(fn, inputs))
+        return graphs[-1], graphs[-1].out
+
+    monkeypatch.setitem(chunked._GRAPHS, "capture", capture)
+    graph_chunks()
+    try:
+        assert chunks_graphed()
+        # chunk 4, T = 37: 10 chunks, stretches of 4, 4 and 2 (CHECKPOINT_EVERY = 4)
+        inps = [make_inputs(2, 2, 37, 5, 2, per_layer=True, seed=seed).leaves() for seed in (7, 8)]
+        outs = [run("chunked", inp, 4, forget_to=forget_to) for inp in inps]
+        assert len(graphs) == 2  # forward: a whole stretch and the short last one
+        assert sum(g.replays for g in graphs) == 6  # 3 stretches per call, each a replay
+        loss = sum(random_functional(y, st, seed) for (y, st), seed in zip(outs, (7, 8)))
+        tensors = [t for inp in inps for _, t in inp.tensors()]
+        got = grads(loss, tensors)
+        assert len(graphs) == 5  # backward: the last stretch, a middle one and the first one
+        expected = []
+        for inp, (y, _), seed in zip(inps, outs, (7, 8)):
+            y_ref, st_ref = run("recurrent", inp, 4, forget_to=forget_to)
+            assert_rel_close(y, y_ref, TOL, "y")
+            expected += grads(random_functional(y_ref, st_ref, seed), [t for _, t in inp.tensors()])
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_rel_close(a, b, TOL, f"gradient {i}")
+        # another length, starting mid-chunk from a state: 6 chunks, stretches of 4 and 2
+        _compare(make_inputs(2, 2, 21, 5, 2, per_layer=True, seed=3), 4, 5, 3, forget_to=forget_to)
+        assert len(graphs) == 5  # the same stretch shapes: the graphs serve every length
+    finally:
+        graph_chunks(False)
+    assert not chunks_graphed() and not chunked._GRAPHS["cache"]

@@ -408,7 +408,9 @@ class _MemoryChunks(torch.autograd.Function):
     """All chunks in one Function. The forward keeps a chunk-start state every CHECKPOINT_EVERY
     chunks (in one preallocated buffer per layer); the backward walks the chunks in reverse,
     recomputing the states of a stretch from its checkpoint and each chunk's intermediates from
-    its state, then applying the hand-written chunk backward."""
+    its state, then applying the hand-written chunk backward. Both loops go by stretches of
+    CHECKPOINT_EVERY chunks, each stretch pure tensor code (no autograd, no host synchronisation),
+    so on CUDA a stretch can run as one captured graph (`graph_chunks`)."""
 
     @staticmethod
     def forward(ctx, L, clip, read, anchored, q, k, v, a, m, C, cS, e, gamma, beta, *states):
@@ -425,16 +427,17 @@ class _MemoryChunks(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         y = torch.empty_like(q) if read else q.new_empty(0)
         saved = [ws.new_empty(math.ceil(N / K), *ws.shape) for ws in WS] if keep else None
-        G_last = G
-        for n in range(N):
-            if keep and n % K == 0:
+        for n0 in range(0, N, K):
+            n1 = min(n0 + K, N)
+            if keep:
                 for buf, ws in zip(saved, WS):
-                    buf[n // K].copy_(ws)
-            G_last = G
-            y_n, WS, _ = _STEP["forward"](G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
-                                          gamma, beta, clip, read, W0=W0)
-            if read:
-                y[n] = y_n
+                    buf[n0 // K].copy_(ws)
+            chunk = tuple(t[n0:n1] for t in (q, k, v, a, m, C, cS, e))
+            args = (G, WS, *chunk, gamma, beta, W0)
+            y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read), args,
+                                           y[n0:n1] if read else None)
+            if y_n is not None:  # a graph's output: copied into place
+                y[n0:n1] = y_n
             G = _base(WS, W0)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
@@ -453,42 +456,168 @@ class _MemoryChunks(torch.autograd.Function):
         dy = dy.detach().contiguous() if dy is not None else None  # one layout whatever N (compiled step)
         d_out = tuple(None if d is None else d.detach() for d in d_out)
         N = q.shape[0]
-        zero_if_none = lambda ds, ref: [torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref)]  # noqa: E731
+        zero_if_none = lambda ds, ref: tuple(torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref))  # noqa: E731
         dWS = zero_if_none(d_out[:L], [buf[0] for buf in ctx.checkpoints])
         dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
-        d_chunk = [torch.zeros_like(t) for t in (q, k, v, a, m, C, cS, e)]
+        d_chunk = [torch.empty_like(t) for t in (q, k, v, a, m, C, cS, e)]
         d_gamma = d_beta = None
         W0 = tuple(w.detach() for w in ctx.W0)
         dW0 = [torch.zeros_like(w) for w in W0]
-        base = lambda n, WS: ctx.G0 if n == 0 else _base(WS, W0)  # noqa: E731
         for n0 in range(K * ((N - 1) // K), -1, -K):
-            # states at the start of chunks n0 .. n1-1, rebuilt from the checkpoint
             n1 = min(n0 + K, N)
             WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
-            starts = [WS]
-            for n in range(n0, n1 - 1):
-                _, WS, _ = _STEP["forward"](base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n],
-                                            e[n], gamma, beta, clip, read=False, W0=W0)
-                starts.append(WS)
-            for n in range(n1 - 1, n0 - 1, -1):
-                WS = starts[n - n0]
-                dG, dWS, *d_n, dg, db, dW0_n = _STEP["backward"](
-                    base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
-                    read, dy[n] if read else None, dWS, W0=W0)
+            G = ctx.G0 if n0 == 0 else _base(WS, W0)
+            last = dG_last if n1 == N else None
+            chunk = tuple(t[n0:n1] for t in (q, k, v, a, m, C, cS, e))
+            args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
+            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, (L, clip, read, n0 == 0), args,
+                                                   [d[n0:n1] for d in d_chunk])
+            if d_n is not None:  # a graph's outputs: copied into place
                 for acc, g in zip(d_chunk, d_n):
-                    acc[n] = g
-                if dg is not None:
-                    d_gamma = dg if d_gamma is None else d_gamma + dg
-                    d_beta = db if d_beta is None else d_beta + db
-                if n == N - 1 and dG_last is not None:  # gradient into the open chunk's base
-                    dG = [g + h for g, h in zip(dG, dG_last)]
-                dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
-                if n > 0:  # this chunk's base is the previous chunk's end W (= W0 + U when anchored)
-                    dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
-                    dW0 = [acc + g.sum(0) for acc, g in zip(dW0, dG)] if W0 else dW0
-                else:
-                    dG0 = dG
+                    acc[n0:n1] = g
+            if dg is not None:
+                d_gamma = dg if d_gamma is None else d_gamma + dg
+                d_beta = db if d_beta is None else d_beta + db
+            dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
+        dG0, dWS = dWS[:L], dWS[L:]  # the first stretch hands out d(first base) and d(start [W; S])
         return (None, None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS, *dW0)
+
+
+def _forward_stretch(L, clip, read, G, WS, q, k, v, a, m, C, cS, e, gamma, beta, W0, y=None):
+    """Chunks n0 .. n1-1 from base G and state WS at n0 (chunk tensors sliced to the stretch).
+    Writes y into `y` when given, else returns it; returns (y or None, WS at n1, the last chunk's base)."""
+    out = y is None and read
+    if out:
+        y = torch.empty_like(q)
+    G_last = G
+    for n in range(q.shape[0]):
+        G_last = G
+        y_n, WS, _ = _STEP["forward"](G, WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+                                      gamma, beta, clip, read, W0=W0)
+        if read:
+            y[n] = y_n
+        G = _base(WS, W0)
+    return (y if out else None), tuple(WS), tuple(G_last)
+
+
+def _backward_stretch(L, clip, read, first, G, WS, q, k, v, a, m, C, cS, e, gamma, beta, W0, dy, dWS, dG_last,
+                      d_chunk=None):
+    """The backward of chunks n0 .. n1-1 (a checkpoint stretch): recompute their start states from
+    base G and state WS at n0, then walk back from dWS (the gradient of the state at n1; dG_last:
+    the gradient of the last chunk's base when it is the stream's open chunk). Writes the chunk
+    gradients into `d_chunk` when given, else returns them. Returns (chunk gradients or None,
+    d gamma, d beta, d of the state at n0 -- preceded by d of the base G when `first`, the stream's
+    first stretch -- and d W0)."""
+    n1 = q.shape[0]
+    out = d_chunk is None
+    if out:
+        d_chunk = [torch.empty_like(t) for t in (q, k, v, a, m, C, cS, e)]
+    base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
+    starts = [WS]
+    for n in range(n1 - 1):
+        _, WS, _ = _STEP["forward"](base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+                                    gamma, beta, clip, read=False, W0=W0)
+        starts.append(WS)
+    d_gamma = d_beta = None
+    dW0 = [torch.zeros_like(w) for w in W0]
+    for n in range(n1 - 1, -1, -1):
+        WS = starts[n]
+        dG, dWS, *d_n, dg, db, dW0_n = _STEP["backward"](
+            base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
+            read, dy[n] if read else None, dWS, W0=W0)
+        for acc, g in zip(d_chunk, d_n):
+            acc[n] = g
+        if dg is not None:
+            d_gamma = dg if d_gamma is None else d_gamma + dg
+            d_beta = db if d_beta is None else d_beta + db
+        if n == n1 - 1 and dG_last is not None:  # gradient into the open chunk's base
+            dG = [g + h for g, h in zip(dG, dG_last)]
+        dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
+        if n > 0 or not first:  # this chunk's base is the previous chunk's end W (= W0 + U when anchored)
+            dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
+            dW0 = [acc + g.sum(0) for acc, g in zip(dW0, dG)] if W0 else dW0
+        else:
+            dWS = [*dG, *dWS]
+    return (d_chunk if out else None), d_gamma, d_beta, tuple(dWS), tuple(dW0)
+
+
+# ---------------------------------------------------------------------------- CUDA graphs
+# On a GPU the eager chunk loop is bound by kernel launches: a few hundred small kernels per chunk,
+# each launched from Python. `graph_chunks()` captures one checkpoint stretch (CHECKPOINT_EVERY chunks,
+# forward, and backward) once per configuration as a CUDA graph and replays it for every stretch of
+# every layer and length. Inputs are copied into the graph's static buffers and its outputs copied
+# out, so capturing costs a few chunks' time whatever the sequence length.
+
+_GRAPHS: dict = {"enabled": False, "cache": {}, "pool": None, "capture": None}
+
+
+def graph_chunks(enabled: bool = True) -> None:
+    """Run the memory's chunk loops (forward and backward) as replays of captured CUDA graphs, one
+    per stretch of CHECKPOINT_EVERY chunks, on CUDA tensors (a CPU run is unchanged). Each new
+    configuration (shapes, dtypes, depth, options, compiled or eager step) is warmed up and captured
+    once on first use; later stretches copy their inputs in, replay, and copy the outputs out.
+    Combines with `compile_chunks()` (the compiled step is then captured). `graph_chunks(False)`
+    turns it off and frees the graphs. Process-wide."""
+    _GRAPHS["enabled"] = bool(enabled)
+    if not enabled:
+        _GRAPHS["cache"].clear()
+
+
+def chunks_graphed() -> bool:
+    return _GRAPHS["enabled"]
+
+
+def _run_stretch(fn, static, args, out=None):
+    """fn(*static, *args, out): eagerly (the results written into `out`, and None in its place), or,
+    when `graph_chunks` is on and the inputs are on CUDA, as a replay of fn's graph for this
+    configuration (the outputs handed back as copies; `out` unused)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    if not _GRAPHS["enabled"] or not (args[2].is_cuda or _GRAPHS["capture"] is not None):
+        return fn(*static, *args, out)
+    leaves, spec = tree_flatten(args)
+    key = (fn.__name__, static, str(spec), _STEP["forward"] is _chunk_forward,
+           torch.is_autocast_enabled(args[2].device.type),
+           tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in leaves))
+    entry = _GRAPHS["cache"].get(key)
+    if entry is None:
+        entry = _capture(lambda *ts: fn(*static, *tree_unflatten(list(ts), spec)), leaves)
+        _GRAPHS["cache"][key] = entry
+    graph, inputs, outputs, out_spec = entry
+    for dst, src in zip(inputs, leaves):
+        if dst is not None:
+            dst.copy_(src)
+    graph.replay()
+    return tree_unflatten([None if t is None else t.clone() for t in outputs], out_spec)
+
+
+def _static_like(t: Tensor | None) -> Tensor | None:
+    """A buffer for t: its strides where they are dense (an expanded or sliced input gets a
+    contiguous buffer; the graph is captured on the buffer, so either layout is fine)."""
+    return None if t is None else torch.empty_like(t, memory_format=torch.preserve_format).copy_(t)
+
+
+def _capture(fn, leaves):
+    """(graph, static inputs, static outputs, output structure) for fn(*leaves)."""
+    from torch.utils._pytree import tree_flatten
+
+    inputs = [_static_like(t) for t in leaves]
+    if _GRAPHS["capture"] is not None:  # tests: a stand-in for the CUDA graph API
+        graph, out = _GRAPHS["capture"](fn, inputs)
+    else:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, compilation) outside the capture
+            for _ in range(2):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if _GRAPHS["pool"] is None:  # one memory pool: every graph's outputs are copied out at once
+            _GRAPHS["pool"] = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_GRAPHS["pool"]):
+            out = fn(*inputs)
+    outputs, out_spec = tree_flatten(out)
+    return graph, inputs, outputs, out_spec
 
 
 def _w_part(WS: Weights) -> Weights:
