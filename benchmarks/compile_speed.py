@@ -1,8 +1,10 @@
-"""Eager vs torch.compile'd memory chunk step (`titans.memory.compile_chunks`), on one device.
+"""Eager vs torch.compile'd memory chunk step (`titans.memory.compile_chunks`) vs CUDA-graph replays
+of the chunk loops (`titans.memory.graph_chunks`) and both together, on one device.
 
 On a GPU the eager chunk loop is bound by kernel launches (about 250 small ops per chunk forward
 and backward at memory depth 2), so its speed hardly depends on the GPU. This script measures
-what compiling the chunk step changes, in one process, eager first:
+what compiling the chunk step and replaying captured graphs change, in one process, eager first
+(--modes, default eager,compiled; also graphs and compiled+graphs):
 
 1. NeuralMemory forward + backward at the issue-2 settings (benchmarks/memory_speed.py: dim 384,
    4 heads, depth 2, expansion 4, chunk 64, batch 2) at each --lengths: median of 3 seconds, peak
@@ -12,11 +14,13 @@ what compiling the chunk step changes, in one process, eager first:
 2. One training step (bf16 autocast on CUDA, AdamW) of the `170m` lmm and mac models at
    --model-len tokens, eager then compiled.
 
-The first compiled call of each new shape compiles (reported as compile_s, not in the timings).
+The first call of each new shape compiles and/or captures (reported as first_call_s, not in the
+timings).
 Rows are written to <out>.json / <out>.md after each measurement; cells that would pass
 --deadline seconds are skipped.
 
     python benchmarks/compile_speed.py --deadline 280            # on the GPU
+    python benchmarks/compile_speed.py --modes eager,graphs,compiled,compiled+graphs --deadline 280
     python benchmarks/compile_speed.py --device cpu --quick      # the same code paths, small
 """
 
@@ -35,16 +39,25 @@ from gpu_checks import model_step_inputs, peak_gb, rel, reset_peak, timed, to_ma
 from memory_speed import BATCH, DIM, build
 from memory_speed import step as memory_step
 
-from titans.memory import compile_chunks
+from titans.memory import compile_chunks, graph_chunks
+
+MODES = ("eager", "compiled", "graphs", "compiled+graphs")
 
 
-def memory_rows(device: str, lengths: list[int], deadline: float, on_row) -> None:
+def set_mode(mode: str) -> None:
+    """eager, compiled (torch.compile'd chunk step), graphs (CUDA-graph replays) or compiled+graphs."""
+    compile_chunks("compiled" in mode)
+    graph_chunks("graphs" in mode)
+
+
+def memory_rows(device: str, lengths: list[int], modes: list[str], deadline: float, on_row) -> None:
     eager: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for compiled in (False, True):
-        compile_chunks(compiled)
+    for mode in modes:
+        set_mode(mode)
+        fast = mode != "eager"
         for T in lengths:
-            name = f"memory {'compiled' if compiled else 'eager'} T={T}"
-            guess = 6 * eager[T][2] if compiled and T in eager else 0.0
+            name = f"memory {mode} T={T}"
+            guess = 6 * eager[T][2] if fast and T in eager else 0.0
             if time.perf_counter() + guess > deadline:
                 on_row({"check": name, "skipped": "deadline", "ok": True})
                 continue
@@ -60,7 +73,7 @@ def memory_rows(device: str, lengths: list[int], deadline: float, on_row) -> Non
             seconds = statistics.median(times)
             row = {"check": name, "seconds": seconds, "tokens_per_s": BATCH * T / seconds,
                    "peak_gb": peak_gb(device), "first_call_s": first, "ok": True}
-            if compiled and T in eager:
+            if fast and T in eager:
                 row["speedup"] = eager[T][2] / seconds
                 row["rel_diff_y"] = rel(y, eager[T][0])
                 row["rel_diff_dx"] = rel(x.grad, eager[T][1])  # 3 backward passes accumulated in both
@@ -71,15 +84,15 @@ def memory_rows(device: str, lengths: list[int], deadline: float, on_row) -> Non
             else:
                 eager[T] = (y, x.grad.clone(), seconds)
             on_row(row)
-    compile_chunks(False)
+    set_mode("eager")
 
 
-def model_rows(device: str, preset: str, T: int, deadline: float, on_row) -> None:
+def model_rows(device: str, preset: str, T: int, modes: list[str], deadline: float, on_row) -> None:
     for variant in ("lmm", "mac"):
         base = None
-        for compiled in (False, True):
-            compile_chunks(compiled)
-            name = f"model {preset} {variant} {'compiled' if compiled else 'eager'} T={T}"
+        for mode in modes:
+            set_mode(mode)
+            name = f"model {preset} {variant} {mode} T={T}"
             if time.perf_counter() + (3 * base if base else 0) > deadline:
                 on_row({"check": name, "skipped": "deadline", "ok": True})
                 continue
@@ -89,12 +102,12 @@ def model_rows(device: str, preset: str, T: int, deadline: float, on_row) -> Non
             seconds = timed(train_step, device, model, opt, tokens)
             row = {"check": name, "seconds": seconds, "tokens_per_s": T / seconds, "peak_gb": peak_gb(device),
                    "first_call_s": first, "ok": True}
-            if compiled and base:
+            if mode != "eager" and base:
                 row["speedup"] = base / seconds
             else:
                 base = seconds
             on_row(row)
-    compile_chunks(False)
+    set_mode("eager")
 
 
 def main() -> int:
@@ -103,6 +116,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU run of the same code paths)")
     p.add_argument("--lengths", default=None, help="memory lengths (default 4096,32768; quick: 128)")
     p.add_argument("--model-len", type=int, default=None, help="model step tokens (default 2048; quick: 64)")
+    p.add_argument("--modes", default="eager,compiled",
+                   help=f"comma list, eager first (the reference of speed-ups): {', '.join(MODES)}")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole run (0: none)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -131,8 +146,11 @@ def main() -> int:
             save()
         return on_row
 
-    memory_rows(device, lengths, deadline, adder("memory"))
-    model_rows(device, "tiny" if args.quick else "170m", model_len, deadline, adder("model"))
+    modes = args.modes.split(",")
+    if modes[0] != "eager" or any(m not in MODES for m in modes):
+        p.error(f"--modes {args.modes}: expected a comma list of {', '.join(MODES)}, starting with eager")
+    memory_rows(device, lengths, modes, deadline, adder("memory"))
+    model_rows(device, "tiny" if args.quick else "170m", model_len, modes, deadline, adder("model"))
     print(save())
     return 0 if all(r["ok"] for part in results.values() for r in part) else 1
 

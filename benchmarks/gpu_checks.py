@@ -10,11 +10,15 @@
    variant at T = 2K, 8K, 32K: tokens/s and peak device memory. Cells that would not finish inside
    --cell-budget seconds are reported as such (the chunk loop is sequential in T).
 
+--graphs runs parts 2 and 4 with the memory's chunk loops replayed as CUDA graphs
+(`titans.memory.graph_chunks`); part 1 checks the graphed loops on CUDA in any case.
+
 Writes <out>.json and <out>.md (default benchmarks/results/gpu_checks_<device name>), and prints the
 markdown. A check that fails is reported and the run goes on; the exit status is 1 if any failed.
 
     python benchmarks/gpu_checks.py --deadline 150 --cell-budget 25  # on the GPU: 114 s on an H100
     python benchmarks/gpu_checks.py --device cpu --quick # the same code paths, small, on the CPU
+    python benchmarks/gpu_checks.py --skip memory --graphs --deadline 240 --cell-budget 40
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from memory_speed import BATCH, DIM, build  # benchmarks/memory_speed.py: the issue-2 settings
 from memory_speed import step as memory_step
 
-from titans.memory import memory_chunked, memory_recurrent
+from titans.memory import graph_chunks, memory_chunked, memory_recurrent
 from titans.model import VARIANTS, TitansConfig, TitansLM
 
 
@@ -105,8 +109,16 @@ def check_numerics(device: str, quick: bool) -> list[dict]:
         ref_y, ref_g = run_memory_fn(memory_recurrent, tensors, ln, L, "cpu", torch.float64, False, chunk)
         loop_y, loop_g = run_memory_fn(memory_recurrent, tensors, ln, L, "cpu", torch.float32, False, chunk)
         floor = max(rel(loop_y, ref_y), *(rel(a, b) for a, b in zip(loop_g, ref_g)))
-        for mode, autocast, limit in (("float32", False, 1e-3), ("bf16 autocast", True, 2e-2)):
-            y, grads = run_memory_fn(memory_chunked, tensors, ln, L, device, torch.float32, autocast, chunk)
+        modes = [("float32", False, 1e-3), ("bf16 autocast", True, 2e-2)]
+        if device.startswith("cuda"):  # the chunk loops replayed as CUDA graphs (graph_chunks)
+            modes += [("float32 graphs", False, 1e-3), ("bf16 autocast graphs", True, 2e-2)]
+        for mode, autocast, limit in modes:
+            graph_chunks("graphs" in mode)
+            try:
+                y, grads = run_memory_fn(memory_chunked, tensors, ln, L, device, torch.float32, autocast,
+                                         chunk)
+            finally:
+                graph_chunks(False)
             err_y = rel(y, ref_y)
             err_g = max(rel(a, b) for a, b in zip(grads, ref_g))
             bound = max(limit, 4 * floor)
@@ -254,6 +266,8 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds for the whole run (0: none); model-speed cells that would end later are "
                         "skipped")
+    p.add_argument("--graphs", action="store_true",
+                   help="models and model speed with the memory's chunk loops as CUDA graphs (graph_chunks)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = args.device
@@ -287,12 +301,17 @@ def main() -> int:
     for part, run in parts.items():
         if part in args.skip.split(","):
             continue
+        graph_chunks(args.graphs and part in ("models", "model"))
         t0 = time.perf_counter()
         try:
             results[part] = run()
         except Exception:
             error = traceback.format_exc().splitlines()[-1][:160]
             results[part] = [{"check": part, "error": error, "ok": False}]
+        if args.graphs and part in ("models", "model"):
+            for row in results[part]:
+                row["check"] += " (graphs)"
+        graph_chunks(False)
         print(f"{part}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         save()
     print(save())

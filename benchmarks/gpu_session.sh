@@ -16,6 +16,13 @@
 #   OUT=... benchmarks/gpu_session.sh                # there: the run (7.5 minutes on an H100, 2026-11-26)
 #   QUICK=1 OUT=/tmp/g benchmarks/gpu_session.sh     # a CPU dry run of the same steps, small
 #
+# PLAN=graphs runs instead (2026-11-27, after the chunk loops became replayable CUDA graphs):
+#   1. gpu_checks.py numerics (eager and graphed loops vs the CPU float64 token loop) and causality /
+#      streaming of every variant with graphs on;
+#   2. gpu_checks.py model speed, 170m, every variant at 2K / 8K / 32K, with graphs on;
+#   3. compile_speed.py: memory layer and 170m lmm / mac steps, eager vs compiled vs graphs vs both.
+#   PLAN=graphs OUT=... benchmarks/gpu_session.sh   (about 8 minutes; no staging needed)
+#
 # MAC_COMPILE=1 compiles MAC's memory chunk step (train.compile): ~4x faster memory on an H100 after
 # about a minute of compiling (2026-11-26: measured on the memory layer, not yet on this fine-tune).
 # MAC_INIT=1 fine-tunes the MAC trained with forgetting towards W_0 (out/table1_forget_to_init/mac-s0,
@@ -33,6 +40,28 @@ if [ "${1:-}" = "--stage" ]; then
         mkdir -p "$dest" && cp -r "$ckpt"/config.json "$ckpt"/model.safetensors "$ckpt"/tokenizer "$dest"/
     done
     du -sh .gpu
+    exit 0
+fi
+if [ "${PLAN:-}" = "graphs" ]; then
+    OUT=${OUT:-out/gpu_session}
+    mkdir -p "$OUT"
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+    PY=${PYTHON:-python3}
+    if [ -n "${QUICK:-}" ]; then
+        A="--device cpu --quick"; S1=120; S2=300; S3=300; D2=240; D3=240; CB=60
+    else
+        A=""; S1=75; S2=215; S3=190; D2=190; D3=165; CB=40
+    fi
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
+    timeout -k 10 $S1 $PY benchmarks/gpu_checks.py $A --skip memory,model --graphs --out "$OUT/checks" > "$OUT/checks.log" 2>&1
+    echo "checks exit $?" >> "$OUT/device.txt"
+    timeout -k 10 $S2 $PY benchmarks/gpu_checks.py $A --skip numerics,models,memory --graphs --deadline $D2 \
+        --cell-budget $CB --out "$OUT/model_speed_graphs" > "$OUT/model_speed_graphs.log" 2>&1
+    echo "model speed exit $?" >> "$OUT/device.txt"
+    timeout -k 10 $S3 $PY benchmarks/compile_speed.py $A --modes eager,graphs,compiled,compiled+graphs \
+        --deadline $D3 --out "$OUT/compile_speed" > "$OUT/compile_speed.log" 2>&1
+    echo "compile speed exit $?" >> "$OUT/device.txt"
+    ls -la "$OUT" >> "$OUT/device.txt"
     exit 0
 fi
 MAC_RUNS=".gpu/table1"; MAC_SET=""

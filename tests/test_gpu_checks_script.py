@@ -12,13 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_checks_quick_on_cpu(tmp_path):
     out = tmp_path / "gpu"
     cmd = [sys.executable, str(ROOT / "benchmarks/gpu_checks.py"), "--device", "cpu", "--quick",
-           "--skip", "memory", "--out", str(out)]
+           "--skip", "memory", "--graphs", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.with_suffix(".json").read_text())
     checks = [r["check"] for r in result["rows"]]
     assert sum(c.startswith("memory L=") for c in checks) == 6
-    assert sum(c.endswith("causal / streaming") for c in checks) == 8
-    assert sum(c.startswith("model speed") for c in checks) == 16
+    # --graphs: the graph switch is on in parts 2 and 4 (a no-op on the CPU) and the rows say so
+    assert sum(c.endswith("causal / streaming (graphs)") for c in checks) == 8
+    assert sum(c.startswith("model speed") and c.endswith("(graphs)") for c in checks) == 16
     assert all(r["ok"] for r in result["rows"])
     assert "**numerics**" in out.with_suffix(".md").read_text()
