@@ -185,7 +185,8 @@ def memory_speed(device: str, quick: bool) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------- 4. model speed
-def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row) -> list[dict]:
+def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row,
+                variants=VARIANTS) -> list[dict]:
     """Length-major (every variant at 2K, then at 8K, ...), so a short deadline still covers every
     variant at the shorter lengths. A cell is skipped when its step, predicted from the variant's
     tokens/s at the previous length, would exceed `budget` seconds or end after `deadline`
@@ -194,12 +195,12 @@ def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row
     preset, lengths = ("tiny", (64, 128)) if quick else ("170m", (2048, 8192, 32768))
     speed: dict[str, float] = {}  # tokens/s of each variant at the previous length
     for T in lengths:
-        for variant in VARIANTS:
+        for variant in variants:
             name = f"model speed {preset} {variant} T={T}"
-            guess = T / speed[variant] if variant in speed else None
-            left = deadline - time.perf_counter()
             if variant in speed and speed[variant] <= 0:
                 continue  # it failed at a shorter length
+            guess = T / speed[variant] if variant in speed else None
+            left = deadline - time.perf_counter()
             if guess is not None and (guess > budget or 2 * guess > left):
                 why = "budget" if guess > budget else "deadline"
                 on_row(rows, {"check": name, "skipped": f"{why}: one step would take about {guess:.0f} s",
@@ -219,6 +220,7 @@ def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row
                 on_row(rows, {"check": name, "seconds": seconds, "tokens_per_s": T / seconds,
                               "peak_gb": peak_gb(device), "ok": True})
             except Exception as e:
+                traceback.print_exc()
                 speed[variant] = 0.0
                 on_row(rows, {"check": name, "error": str(e).splitlines()[0][:120], "ok": False})
             finally:
@@ -266,10 +268,14 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds for the whole run (0: none); model-speed cells that would end later are "
                         "skipped")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="model speed: these variants")
     p.add_argument("--graphs", action="store_true",
                    help="models and model speed with the memory's chunk loops as CUDA graphs (graph_chunks)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
     device = args.device
     # float32 checks mean float32: no TF32 in cuDNN's convolutions (matmuls default to full float32)
     torch.backends.cudnn.allow_tf32 = False
@@ -297,7 +303,8 @@ def main() -> int:
 
     parts = {"numerics": lambda: check_numerics(device, args.quick), "models": lambda: check_models(device),
              "memory": lambda: memory_speed(device, args.quick),
-             "model": lambda: model_speed(device, args.quick, args.cell_budget, deadline, on_row)}
+             "model": lambda: model_speed(device, args.quick, args.cell_budget, deadline, on_row,
+                                           args.variants.split(","))}
     for part, run in parts.items():
         if part in args.skip.split(","):
             continue
@@ -306,6 +313,7 @@ def main() -> int:
         try:
             results[part] = run()
         except Exception:
+            traceback.print_exc()
             error = traceback.format_exc().splitlines()[-1][:160]
             results[part] = [{"check": part, "error": error, "ok": False}]
         if args.graphs and part in ("models", "model"):

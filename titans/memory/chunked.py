@@ -561,6 +561,7 @@ def graph_chunks(enabled: bool = True) -> None:
     _GRAPHS["enabled"] = bool(enabled)
     if not enabled:
         _GRAPHS["cache"].clear()
+        _GRAPHS["pool"] = None  # freed with its last graph: a later capture starts a new one
 
 
 def chunks_graphed() -> bool:
