@@ -87,8 +87,9 @@ def memory_rows(device: str, lengths: list[int], modes: list[str], deadline: flo
     set_mode("eager")
 
 
-def model_rows(device: str, preset: str, T: int, modes: list[str], deadline: float, on_row) -> None:
-    for variant in ("lmm", "mac"):
+def model_rows(device: str, preset: str, T: int, modes: list[str], deadline: float, on_row,
+               variants=("lmm", "mac")) -> None:
+    for variant in variants:
         base = None
         for mode in modes:
             set_mode(mode)
@@ -118,6 +119,7 @@ def main() -> int:
     p.add_argument("--model-len", type=int, default=None, help="model step tokens (default 2048; quick: 64)")
     p.add_argument("--modes", default="eager,compiled",
                    help=f"comma list, eager first (the reference of speed-ups): {', '.join(MODES)}")
+    p.add_argument("--variants", default="lmm,mac", help="model rows for these variants (lmm, mac)")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole run (0: none)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -150,7 +152,8 @@ def main() -> int:
     if modes[0] != "eager" or any(m not in MODES for m in modes):
         p.error(f"--modes {args.modes}: expected a comma list of {', '.join(MODES)}, starting with eager")
     memory_rows(device, lengths, modes, deadline, adder("memory"))
-    model_rows(device, "tiny" if args.quick else "170m", model_len, modes, deadline, adder("model"))
+    model_rows(device, "tiny" if args.quick else "170m", model_len, modes, deadline, adder("model"),
+               [v for v in args.variants.split(",") if v])
     print(save())
     return 0 if all(r["ok"] for part in results.values() for r in part) else 1
 

@@ -22,6 +22,8 @@
 #   2. gpu_checks.py model speed, 170m, every variant at 2K / 8K / 32K, with graphs on;
 #   3. compile_speed.py: memory layer at 4096 and 170m lmm / mac steps at 2048, eager vs graphs.
 #   PLAN=graphs OUT=... benchmarks/gpu_session.sh   (under 6 minutes; no staging needed)
+# PLAN=combo: compile_speed.py with the compiled chunk step captured in the graphs (memory layer at
+#   4096, 170m lmm step at 2048), eager / graphs / compiled+graphs, in about 3 minutes.
 #
 # MAC_COMPILE=1 compiles MAC's memory chunk step (train.compile): ~4x faster memory on an H100 after
 # about a minute of compiling (2026-11-26: measured on the memory layer, not yet on this fine-tune).
@@ -40,6 +42,17 @@ if [ "${1:-}" = "--stage" ]; then
         mkdir -p "$dest" && cp -r "$ckpt"/config.json "$ckpt"/model.safetensors "$ckpt"/tokenizer "$dest"/
     done
     du -sh .gpu
+    exit 0
+fi
+if [ "${PLAN:-}" = "combo" ]; then  # compiled step inside the graphs: memory at 4K, the 170m lmm step at 2K
+    OUT=${OUT:-out/gpu_session}; mkdir -p "$OUT"
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+    PY=${PYTHON:-python3}
+    A=""; [ -n "${QUICK:-}" ] && A="--device cpu --quick"
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
+    timeout -k 10 ${COMBO_S:-200} $PY benchmarks/compile_speed.py $A --lengths ${COMBO_LEN:-4096} --variants lmm \
+        --modes eager,graphs,compiled+graphs --deadline ${COMBO_D:-180} --out "$OUT/combo" > "$OUT/combo.log" 2>&1
+    echo "combo exit $?" >> "$OUT/device.txt"
     exit 0
 fi
 if [ "${PLAN:-}" = "graphs" ]; then

@@ -210,6 +210,20 @@ def test_bad_tokens():
         model(torch.tensor([[1, 300]]))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nan_weights_are_named_not_blamed_on_the_input(variant):
+    """After an optimizer step with a non-finite gradient the next forward meets NaN activations;
+    the error names the broken parameter instead of "the input came from the layers before"."""
+    model = make(variant)
+    with torch.no_grad():
+        model.blocks[0].mlp.down.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"parameter blocks\.0\.mlp\.down\.weight contains NaN"):
+        model(torch.tensor([[1, 2, 3, 4, 5]]))
+    with torch.no_grad():
+        model.blocks[0].mlp.down.weight[0, 0] = 0.0
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4, 5]]))[0]).all()
+
+
 @pytest.mark.parametrize("variant", ["mac", "transformer"])
 def test_generate_greedy_matches_full_forward(variant):
     model = make(variant).float()

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .memory.conv import check_sequence
+
 QUERY_BLOCK = 512  # queries per SDPA call: memory O(block x (block + window)), never T x T
 
 
@@ -122,6 +124,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
         """x: (B, T, dim) -> (B, T, dim); the state carries the cache across calls."""
+        check_sequence("Attention", x, self.dim)
         B, T, _ = x.shape
         state = self.init_state(B) if state is None else state
         pos = torch.arange(state.position, state.position + T, device=x.device)

@@ -269,9 +269,19 @@ class TitansLM(nn.Module):
         layers = [None] * len(self.blocks) if state is None else state.layers
         x = self.embed(tokens)
         new_layers = []
-        for block, s in zip(self.blocks, layers):
-            x, s = block(x, s)
-            new_layers.append(s)
+        try:
+            for block, s in zip(self.blocks, layers):
+                x, s = block(x, s)
+                new_layers.append(s)
+        except FloatingPointError as e:  # a layer found NaN/Inf: say if the weights were broken already
+            bad = next((n for n, p in self.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is None:
+                raise
+            raise FloatingPointError(
+                f"TitansLM: parameter {bad} contains NaN or Inf, so the activations do ({e}): the weights "
+                "were broken before this call, e.g. by an optimizer step with a non-finite gradient "
+                "(`titans train` stops on that; in a loop of your own check the gradient norm before "
+                "optimizer.step())") from e
         position = 0 if state is None else state.position
         return self.head(self.norm(x)), LMState(new_layers, position + tokens.shape[1])
 
