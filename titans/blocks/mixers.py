@@ -12,7 +12,7 @@ The attention baselines are `Attention` itself (titans/attention.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..attention import Attention
 from ..memory import NeuralMemory
+from ..memory.conv import check_sequence
 from ..memory.layer import NeuralMemoryState
 
 
@@ -114,33 +115,41 @@ class MAC(nn.Module):
         return MACState(mem, mem.memory.weights, empty, empty, empty, empty, read_conv, 0)
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+        check_sequence("MAC", x, self.attention.dim)
         state = self.init_state(x.shape[0]) if state is None else state
         # split the piece at segment boundaries (split, not slices: a slice's backward writes a
         # zero tensor of x's full size per segment, quadratic in T)
         first = min(x.shape[1], self.segment_len - state.position % self.segment_len)
         full, tail = divmod(x.shape[1] - first, self.segment_len)
         sizes = [first] + [self.segment_len] * full + ([tail] if tail else [])
-        read = self.memory.read_projection()  # sliced once, not per segment (same reason)
+        # what depends on x alone, for the whole piece at once (large matmuls, one conv pass): the
+        # memory's read queries and output gate, and the segment tokens' attention q, k, v
+        q_read, gate, read_conv = self.memory.read_inputs(x, state.read_conv,
+                                                          projection=self.memory.read_projection())
+        pos = torch.arange(state.position, state.position + x.shape[1], device=x.device)
+        qkv = self.attention.project(x, pos)
+        pieces = zip(q_read.split(sizes, 2), gate.split(sizes, 1), *(t.split(sizes, 2) for t in qkv),
+                     pos.split(sizes))
         outs = []
-        for piece in x.split(sizes, dim=1):
-            o, state = self._segment_piece(piece, state, read)
+        for piece in pieces:
+            o, state = self._segment_piece(*piece, state)
             outs.append(o)
-        return torch.cat(outs, dim=1), state
+        return torch.cat(outs, dim=1), replace(state, read_conv=read_conv)
 
-    def _segment_piece(self, x: Tensor, st: MACState, read) -> tuple[Tensor, MACState]:
-        """Tokens x (B, T, dim) that all lie in one segment; read: `NeuralMemory.read_projection()`."""
-        B, T, _ = x.shape
+    def _segment_piece(self, q_read, gate, q, k_s, v_s, pos, st: MACState) -> tuple[Tensor, MACState]:
+        """The tokens of one segment (all T of them in it), given their x-only inputs: read queries
+        q_read (B, H, T, D) and output gate (B, T, dim) of the memory, attention q, k_s, v_s
+        (B, H, T, D) and stream positions pos (T,)."""
+        B, T = gate.shape[:2]
         attn = self.attention
-        pos = torch.arange(st.position, st.position + T, device=x.device)
         # 1. read: memory tokens from the state before the segment (no write)
-        h, read_conv = self.memory.read(x, st.segment_weights, st.read_conv, projection=read)
+        h = self.memory.read_with(q_read, gate, st.segment_weights)
         # 2. attend over [P || h || S]
-        q, k_s, v_s = attn.project(x, pos)
         k_h, v_h = attn.project_kv(h, pos)  # memory tokens are keys and values only
         k_h, v_h = torch.cat([st.k_h, k_h], 2), torch.cat([st.v_h, v_h], 2)
         k_s, v_s = torch.cat([st.k_s, k_s], 2), torch.cat([st.v_s, v_s], 2)
         n = k_s.shape[2]  # segment tokens so far (earlier pieces + this one)
-        causal = torch.ones(T, n, dtype=torch.bool, device=x.device).tril(n - T)
+        causal = torch.ones(T, n, dtype=torch.bool, device=q.device).tril(n - T)
         keys, values, mask = [k_h, k_s], [v_h, v_s], [causal, causal]
         pk, pv = attn.prefix
         if pk is not None:
@@ -156,5 +165,5 @@ class MAC(nn.Module):
         position = st.position + T
         if position % self.segment_len == 0:  # segment closed: the next one reads the state now
             empty = k_h[:, :, :0]
-            return out, MACState(mem, mem.memory.weights, empty, empty, empty, empty, read_conv, position)
-        return out, MACState(mem, st.segment_weights, k_h, v_h, k_s, v_s, read_conv, position)
+            return out, MACState(mem, mem.memory.weights, empty, empty, empty, empty, st.read_conv, position)
+        return out, MACState(mem, st.segment_weights, k_h, v_h, k_s, v_s, st.read_conv, position)

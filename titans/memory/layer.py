@@ -161,9 +161,12 @@ class NeuralMemory(nn.Module):
         return table[:, idx], carry
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
-        y = self.out_norm(y.to(x.dtype))
-        y = rearrange(y, "b h t d -> b t (h d)")
-        return self.out_proj(y * F.silu(self.gate_proj(x)))
+        return self._gated_output(y, F.silu(self.gate_proj(x)))
+
+    def _gated_output(self, y: Tensor, gate: Tensor) -> Tensor:
+        """out_proj(RMSNorm(y) * gate), gate = silu(gate_proj(x)) (B, T, dim)."""
+        y = rearrange(self.out_norm(y.to(gate.dtype)), "b h t d -> b t (h d)")
+        return self.out_proj(y * gate)
 
     def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool):
         self._check(x, state)
@@ -209,16 +212,29 @@ class NeuralMemory(nn.Module):
         """`retrieve` with explicit memory weights ((H, ., .) or (B, H, ., .) per layer); also
         returns the q-channel conv cache after x (B, K-1, dim), for a read stream that continues (MAC).
         projection: `read_projection()`, when the caller has it already."""
+        q, gate, new_cache = self.read_inputs(x, conv_cache, projection=projection)
+        return self.read_with(q, gate, weights), new_cache
+
+    def read_inputs(self, x: Tensor, conv_cache: Tensor | None = None, *,
+                    projection: tuple[Tensor, Tensor | None] | None = None):
+        """The half of `read` that depends on x only: the L2-normalised queries (B, H, T, D), the
+        output gate silu(gate_proj(x)) (B, T, dim) and the q-channel conv cache after x. A caller
+        that reads consecutive pieces of x with different weights (MAC's segments) computes these
+        once for the whole x, as a few large matmuls, and passes slices to `read_with`."""
         if conv_cache is not None and conv_cache.shape[-1] == 3 * self.dim:
             conv_cache = conv_cache[..., :self.dim]
         w_q, conv = self.read_projection() if projection is None else projection
         h, new_cache = conv_silu(F.linear(x, w_q), conv, conv_cache)
         q = F.normalize(rearrange(h, "b t (h d) -> b h t d", h=self.heads), dim=-1)
+        return q, F.silu(self.gate_proj(x)), new_cache
+
+    def read_with(self, q: Tensor, gate: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+        """M_weights(q) through the output norm, gate and projection: `read` given `read_inputs`."""
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731
-        with no_autocast(x.device.type):
+        with no_autocast(q.device.type):
             y = memory_apply(q.to(dtype), cast(weights), cast(self.ln))
-        return self._output(y, x), new_cache
+        return self._gated_output(y, gate)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
