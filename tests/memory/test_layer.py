@@ -126,6 +126,30 @@ def test_retrieve_reads_state_weights_and_changes_nothing(option):
         assert (r - r_none).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("option", ["default", "no_conv"])
+def test_read_inputs_once_then_read_with_per_piece_equals_read_per_piece(option):
+    """MAC computes the x-only half of its reads for a whole piece and reads its segments with
+    different weights: the result equals `read` per segment with the conv cache chained."""
+    mod = make_layer(seed=11, chunk_size=4, **LAYER_OPTIONS[option])
+    x = randn(2, 13, 8, seed=7)
+    with torch.no_grad():
+        _, state = mod(randn(2, 6, 8, seed=8))
+        weights = [tuple(mod.weights), state.memory.weights, tuple(mod.weights)]
+        sizes = [5, 4, 4]
+        q, gate, cache = mod.read_inputs(x, state.conv)
+        conv = state.conv
+        for qs, gs, xs, w in zip(q.split(sizes, 2), gate.split(sizes, 1), x.split(sizes, 1), weights):
+            expected, conv = mod.read(xs, w, conv)
+            assert_rel_close(mod.read_with(qs, gs, w), expected, 1e-12, "read_with")
+        assert (cache is None) == (conv is None)
+        if cache is not None:
+            assert torch.equal(cache, conv)
+        with pytest.raises(ValueError, match=r"read_with: expected q \(B, 2, T, 4\) and gate \(B, T, 8\)"):
+            mod.read_with(q.transpose(1, 2), gate, weights[0])
+        with pytest.raises(ValueError, match=r"read_with: expected q"):
+            mod.read_with(q, gate[:, :3], weights[0])
+
+
 @pytest.mark.parametrize("option", sorted(LAYER_OPTIONS))
 def test_update_gives_the_state_of_forward(option):
     mod = make_layer(seed=10, chunk_size=4, **LAYER_OPTIONS[option])

@@ -230,6 +230,12 @@ class NeuralMemory(nn.Module):
 
     def read_with(self, q: Tensor, gate: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """M_weights(q) through the output norm, gate and projection: `read` given `read_inputs`."""
+        H, D = self.heads, self.head_dim
+        bad_q = q.dim() != 4 or q.shape[1:2] + q.shape[3:] != (H, D)
+        if bad_q or gate.shape != (q.shape[0], q.shape[2], self.dim):
+            raise ValueError(f"NeuralMemory.read_with: expected q (B, {H}, T, {D}) and gate "
+                             f"(B, T, {self.dim}) as `read_inputs` returns them, got q {tuple(q.shape)}, "
+                             f"gate {tuple(gate.shape)}")
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731
         with no_autocast(q.device.type):
