@@ -27,6 +27,9 @@
 #
 # MAC_COMPILE=1 compiles MAC's memory chunk step (train.compile): ~4x faster memory on an H100 after
 # about a minute of compiling (2026-11-26: measured on the memory layer, not yet on this fine-tune).
+# MAC_GRAPHS=1 runs MAC's fine-tune and evaluation with the memory's chunk loops as CUDA graphs
+# (--cuda-graphs: 4-8x faster memory on an H200, 2026-11-27, bitwise equal to eager); with
+# MAC_COMPILE=1 as well, the compiled step is captured (9x on the memory layer).
 # MAC_INIT=1 fine-tunes the MAC trained with forgetting towards W_0 (out/table1_forget_to_init/mac-s0,
 # staged as .gpu/table1_init) with --set model.forget_to=init: full backprop stays stable there.
 # Evaluation streams all examples of a cell side by side (--eval-batch).
@@ -98,7 +101,7 @@ fi
 timeout -k 10 $CHECKS_S $PY benchmarks/gpu_checks.py $CHECKS --out "$OUT/gpu_checks" > "$OUT/gpu_checks.log" 2>&1
 echo "gpu_checks exit $?" >> "$OUT/device.txt"
 # the fine-tunes stop on their own after --max-minutes (with a checkpoint), then evaluate
-timeout -k 20 $FT_MAC_S $PY experiments/table2.py --variants mac --seeds 0 --bptt 0 --max-minutes ${MAC_MIN:-2.25} $FT ${MAC_COMPILE:+--compile} \
+timeout -k 20 $FT_MAC_S $PY experiments/table2.py --variants mac --seeds 0 --bptt 0 --max-minutes ${MAC_MIN:-2.25} $FT ${MAC_COMPILE:+--compile} ${MAC_GRAPHS:+--cuda-graphs} \
     $MAC_SET --data .gpu/data --table1-runs $MAC_RUNS --runs out/table2_gpu --out out/table2_gpu/results > "$OUT/table2_mac.log" 2>&1
 echo "table2 mac exit $?" >> "$OUT/device.txt"
 timeout -k 20 $FT_TF_S $PY experiments/table2.py --variants transformer --seeds 0 --bptt 0 --max-minutes ${TF_MIN:-0.75} $FT \

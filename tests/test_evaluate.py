@@ -208,3 +208,5 @@ def test_eval_cli_errors_are_one_line(run_dir, capsys):
     assert len(err) == 1 and "did you mean 'niah'" in err[0]
     assert cli(["eval", "--checkpoint", str(Path(run_dir) / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(run_dir), "--task", "mqar", "--cuda-graphs"]) == 1
+    assert "--cuda-graphs needs a CUDA device, got cpu" in capsys.readouterr().err

@@ -19,8 +19,8 @@ from titans.errors import TitansError  # noqa: E402
 
 def _args(**kw):
     base = dict(data="data", seq_len=256, suite="babilong", lr=1e-3, steps=10, batch_size=2, bptt=0,
-                max_minutes=0.0, device="cpu", compile=False, table1_runs="out/t1", overrides=[],
-                task_mix=1.0)
+                max_minutes=0.0, device="cpu", compile=False, cuda_graphs=False, table1_runs="out/t1",
+                overrides=[], task_mix=1.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -33,6 +33,8 @@ def test_table2_set_reaches_the_model_config(tmp_path):
     assert cfg.model_config(256).forget_to == "init"
     mixed = table2.config("mac", 0, _args(task_mix=0.5), tmp_path)
     assert plain.data.task_mix == 1.0 and mixed.data.task_mix == 0.5
+    graphed = table2.config("mac", 0, _args(cuda_graphs=True), tmp_path)
+    assert graphed.train.cuda_graphs and not plain.train.cuda_graphs
 
 
 @pytest.mark.parametrize("bad, says", [("model.forget_to", "key=value"), ("optim.lrr=1", "optim.lrr")])

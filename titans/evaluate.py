@@ -385,17 +385,35 @@ def write_report(result: dict, out_dir: Path) -> dict:
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
              out_dir: str | Path | None = None, command: str = "", device: str = "cpu", batch_size: int = 1,
-             log=print) -> dict:
+             cuda_graphs: bool = False, log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N.
-    batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR)."""
-    from .checkpoint import open_checkpoint
-    from .model import count_parameters
+    batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR).
+    cuda_graphs: run the memory's chunk loops as CUDA graphs (titans.memory.graph_chunks; CUDA only)."""
+    from .memory import chunks_graphed, graph_chunks
 
     if n_examples < 1 or max_tokens < 2 or piece < 1 or batch_size < 1:
         raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
                           f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
     target = pick_device(device)
+    if not cuda_graphs or chunks_graphed():
+        return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
+                         command, target, batch_size, log)
+    if target.type != "cuda":
+        raise TitansError(f"--cuda-graphs needs a CUDA device, got {target}: drop it or pass --device cuda")
+    graph_chunks()
+    try:
+        return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
+                         command, target, batch_size, log)
+    finally:
+        graph_chunks(False)
+
+
+def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir, command,
+              target, batch_size, log) -> dict:
+    from .checkpoint import open_checkpoint
+    from .model import count_parameters
+
     ckpt = open_checkpoint(checkpoint)
     model, tokenizer = ckpt.load_model()
     model.to(target)
@@ -452,6 +470,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the tiny MAC on a CPU); shorter prompts get up to 32 leading document "
                              "separators (default: 1, each example alone)")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="run the memory's chunk loops as CUDA graphs (4-8x faster on a GPU; same "
+                             "results)")
     parser.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval")
 
 
@@ -472,7 +493,8 @@ def run(args: argparse.Namespace) -> int:
     command = "titans " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "titans eval"
     result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
                       n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
-                      out_dir=args.out, command=command, device=args.device, batch_size=args.batch_size)
+                      out_dir=args.out, command=command, device=args.device, batch_size=args.batch_size,
+                      cuda_graphs=args.cuda_graphs)
     print(Path(result["paths"]["md"]).read_text())
     print("Wrote " + ", ".join(result["paths"].values()))
     return 0
