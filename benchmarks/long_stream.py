@@ -2,7 +2,7 @@
 bounded state; report tokens/s and RSS every --report tokens, and fail on NaN/Inf.
 
     python benchmarks/long_stream.py                         # small MAC, 2M tokens, pieces of 4096
-    python benchmarks/long_stream.py --tokens 10000000
+    python benchmarks/long_stream.py --tokens 10000000 --max-minutes 75   # stops early, keeps its rows
 The input is random bytes (the memory cost and speed do not depend on the content).
 """
 
@@ -26,8 +26,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2_000_000)
     p.add_argument("--piece", type=int, default=4096)
     p.add_argument("--report", type=int, default=131072, help="report every this many tokens")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop after this many minutes (0: none); the rows so far are the result")
     p.add_argument("--out", default="benchmarks/results/long_stream")
     args = p.parse_args()
+    if args.tokens < 1 or args.piece < 1 or args.report < 1 or args.max_minutes < 0:
+        p.error("--tokens, --piece and --report must be >= 1 and --max-minutes >= 0")
 
     torch.manual_seed(0)
     model = TitansLM(TitansConfig.from_preset(args.preset, variant=args.variant)).eval()
@@ -56,19 +60,30 @@ def main() -> None:
                     flush=True,
                 )
                 next_report += args.report
-    first, last = rows[0], rows[-1]
+                summary = save(args, rows, stopped=None)  # after every row: a killed run keeps them
+                late = args.max_minutes and time.perf_counter() - t0 > 60 * args.max_minutes
+                if late and seen < args.tokens:
+                    summary = save(args, rows, stopped=f"--max-minutes {args.max_minutes:g}")
+                    break
+    print(f"RSS at {rows[-1]['tokens']:,} tokens / RSS at {rows[0]['tokens']:,}: {summary['rss_growth']:.3f}"
+          + (f" (stopped by {summary['stopped']} of {args.tokens:,} tokens)" if summary["stopped"] else ""))
+
+
+def save(args, rows: list[dict], stopped: str | None) -> dict:
     summary = {
         "preset": args.preset,
         "variant": args.variant,
         "piece": args.piece,
+        "tokens_asked": args.tokens,
+        "stopped": stopped,
         "rows": rows,
-        "rss_growth": last["rss_gb"] / first["rss_gb"],
+        "rss_growth": rows[-1]["rss_gb"] / rows[0]["rss_gb"],
     }
-    print(f"RSS at {last['tokens']:,} tokens / RSS at {first['tokens']:,}: {summary['rss_growth']:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     out.with_suffix(".md").write_text(markdown(summary))
+    return summary
 
 
 def markdown(summary: dict) -> str:
@@ -79,7 +94,9 @@ def markdown(summary: dict) -> str:
     first, last = rows[0]["tokens"], rows[-1]["tokens"]
     lines.append(f"\n{summary['preset']} {summary['variant']}, pieces of {summary['piece']}, no gradients. "
                  f"RSS at {last:,} / RSS at {first:,}: {summary['rss_growth']:.3f}; "
-                 f"RSS range over the run {min(rss):.3f}-{max(rss):.3f} GB.")
+                 f"RSS range over the run {min(rss):.3f}-{max(rss):.3f} GB."
+                 + (f" Stopped by {summary['stopped']} of {summary['tokens_asked']:,} tokens asked."
+                    if summary.get("stopped") else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -37,3 +37,26 @@ def test_length_growth_refuses_bad_arguments(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             length_growth.main()
         assert msg in capsys.readouterr().err
+
+
+def test_long_stream_writes_its_rows_and_says_when_a_time_limit_stopped_it(tmp_path):
+    """benchmarks/long_stream.py: every report row is saved as it comes; --max-minutes stops the run
+    early with what it reached (the 10M-token stream is reported that way)."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "long_stream.py"
+    base = [sys.executable, str(script), "--preset", "tiny", "--piece", "512", "--report", "1024"]
+    done = subprocess.run(base + ["--tokens", "2560", "--out", str(tmp_path / "all")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "all.json").read_text())
+    assert [r["tokens"] for r in result["rows"]] == [1024, 2048, 2560] and result["stopped"] is None
+    cut = subprocess.run(base + ["--tokens", "100000", "--max-minutes", "0.0001", "--out",
+                                 str(tmp_path / "cut")], capture_output=True, text=True, timeout=300)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    result = json.loads((tmp_path / "cut.json").read_text())
+    assert result["stopped"] == "--max-minutes 0.0001" and result["rows"][-1]["tokens"] == 1024
+    assert "Stopped by --max-minutes" in (tmp_path / "cut.md").read_text()
+    bad = subprocess.run(base + ["--tokens", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--tokens, --piece and --report must be >= 1" in bad.stderr
