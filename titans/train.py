@@ -486,6 +486,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
             if device.type != "cuda":
                 raise TitansError(f"train.cuda_graphs=true needs a CUDA device, got {device}: "
                                   "drop the option or set train.device=cuda")
+            if world.size > 1:  # NCCL's threads query CUDA events while a graph is being captured
+                raise TitansError(f"train.cuda_graphs=true runs on one process only, got {world.size}: "
+                                  "drop it under torchrun (DDP / FSDP), or train on one GPU with it")
             graph_chunks()
             graphed_here = True
 
