@@ -307,13 +307,22 @@ def test_a_non_finite_gradient_stops_training_with_the_remedy(tmp_path, corpus_d
             train(cfg, log=quiet)
 
 
-def test_cuda_graphs_on_the_cpu_is_a_clear_error(tmp_path, corpus_dir):
+def test_cuda_graphs_on_the_cpu_is_a_clear_error(tmp_path, corpus_dir, monkeypatch):
     """train.cuda_graphs captures the memory's chunk loops as CUDA graphs: on the CPU it names the fix
     and leaves the process-wide switch off."""
     from titans.memory import chunks_graphed
 
     cfg = small_config(tmp_path, corpus_dir, **{"train.cuda_graphs": "true", "train.device": "cpu"})
     with pytest.raises(TitansError, match=r"train.cuda_graphs=true needs a CUDA device, got cpu"):
+        train(cfg, log=quiet)
+    assert not chunks_graphed()
+    # under torchrun (several processes) it is refused before anything is built
+    import titans.train as tr
+    from titans.distributed import World
+
+    monkeypatch.setattr(tr.distributed, "setup", lambda device: World(0, 2, 0))
+    monkeypatch.setattr(tr.distributed, "teardown", lambda: None)
+    with pytest.raises(TitansError, match=r"runs on one process only, got 2: drop it under torchrun"):
         train(cfg, log=quiet)
     assert not chunks_graphed()
 

@@ -410,6 +410,12 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         say = log if main else (lambda *a, **k: None)
         run_dir = Path(cfg.train.out)
         t, d = cfg.train, cfg.data
+        if t.cuda_graphs and world.size > 1:  # NCCL's threads query CUDA events during a capture
+            raise TitansError(f"train.cuda_graphs=true runs on one process only, got {world.size}: "
+                              "drop it under torchrun (DDP / FSDP), or train on one GPU with it")
+        if t.cuda_graphs and device.type != "cuda":
+            raise TitansError(f"train.cuda_graphs=true needs a CUDA device, got {device}: "
+                              "drop the option or set train.device=cuda")
         earlier = [] if resume else list_checkpoints(run_dir)
         if earlier:  # a fresh run would mix its checkpoints (and their pruning) with the old ones
             raise TitansError(f"{run_dir} already holds checkpoints of an earlier run (latest "
@@ -483,12 +489,6 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
             compile_chunks()
             compiled_here = True
         if t.cuda_graphs and not chunks_graphed():
-            if device.type != "cuda":
-                raise TitansError(f"train.cuda_graphs=true needs a CUDA device, got {device}: "
-                                  "drop the option or set train.device=cuda")
-            if world.size > 1:  # NCCL's threads query CUDA events while a graph is being captured
-                raise TitansError(f"train.cuda_graphs=true runs on one process only, got {world.size}: "
-                                  "drop it under torchrun (DDP / FSDP), or train on one GPU with it")
             graph_chunks()
             graphed_here = True
 
