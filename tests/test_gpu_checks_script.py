@@ -21,5 +21,6 @@ def test_gpu_checks_quick_on_cpu(tmp_path):
     # --graphs: the graph switch is on in parts 2 and 4 (a no-op on the CPU) and the rows say so
     assert sum(c.endswith("causal / streaming (graphs)") for c in checks) == 8
     assert sum(c.startswith("model speed") and c.endswith("(graphs)") for c in checks) == 16
+    assert all(r["grad_finite"] is True for r in result["rows"] if r["check"].startswith("model speed"))
     assert all(r["ok"] for r in result["rows"])
     assert "**numerics**" in out.with_suffix(".md").read_text()
