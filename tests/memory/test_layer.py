@@ -262,10 +262,29 @@ def test_non_finite_input_raises(bad):
     mod = make_layer(seed=14)
     x = randn(2, 6, 8, seed=11)
     x[1, 3, 2] = bad
-    with pytest.raises(FloatingPointError):
-        mod(x)
-    with pytest.raises(FloatingPointError):
-        mod.update(x)
+    says = r"NeuralMemory: the input x contains NaN or Inf \(it came from the layers before this one\)"
+    for call in (mod, mod.update, mod.retrieve):  # named as the input's fault, not the weights'
+        with pytest.raises(FloatingPointError, match=says):
+            call(x)
+
+
+def test_diverged_memory_weights_raise_with_the_positions_and_the_remedy(monkeypatch):
+    """Finite input, memory weights that blew up inside the recurrence: named as a divergence, with
+    the positions of the piece and the options that tame it (checked in the same host read as the
+    input, so it costs one synchronisation per call on a GPU)."""
+    import dataclasses
+
+    real = layer_mod.run_memory
+
+    def diverging(*args, **kwargs):
+        y, mem = real(*args, **kwargs)
+        return y, dataclasses.replace(mem, weights=(mem.weights[0] * float("inf"), *mem.weights[1:]))
+
+    monkeypatch.setattr(layer_mod, "run_memory", diverging)
+    mod = make_layer(seed=16)
+    with pytest.raises(FloatingPointError, match=r"memory weights became NaN/Inf within positions \[0, 6\); "
+                                                 r"the inner updates diverged\. Lower theta_max"):
+        mod(randn(2, 6, 8, seed=15))
 
 
 def test_state_from_another_batch_size_raises():

@@ -87,8 +87,10 @@ class _CausalConvSiLU(torch.autograd.Function):
         return dx, dcache.to(cache_in.dtype), dw.to(weight.dtype)
 
 
-def check_sequence(owner: str, x: Tensor, dim: int) -> None:
-    """The input check every token mixer shares: x must be a finite float (B, T >= 1, dim) tensor."""
+def check_sequence(owner: str, x: Tensor, dim: int, finite: bool = True) -> None:
+    """The input check every token mixer shares: x must be a finite float (B, T >= 1, dim) tensor.
+    finite=False leaves the finiteness to the caller (`nonfinite_input_error`), which can fold it
+    into a later check: each such check is a host synchronisation on a GPU."""
     if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{owner}: x must be (B, T, {dim}), got {got}")
@@ -96,9 +98,13 @@ def check_sequence(owner: str, x: Tensor, dim: int) -> None:
         raise ValueError(f"{owner}: x must be a floating-point tensor, got {x.dtype}")
     if x.shape[1] < 1:
         raise ValueError(f"{owner}: x must hold at least one token (T >= 1)")
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"{owner}: the input x contains NaN or Inf "
-                                 "(it came from the layers before this one)")
+    if finite and not torch.isfinite(x).all():
+        raise nonfinite_input_error(owner)
+
+
+def nonfinite_input_error(owner: str) -> FloatingPointError:
+    return FloatingPointError(f"{owner}: the input x contains NaN or Inf "
+                              "(it came from the layers before this one)")
 
 
 def conv_qkv(h: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int):

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .chunked import run_memory
-from .conv import check_sequence, conv_qkv, conv_silu
+from .conv import check_sequence, conv_qkv, conv_silu, nonfinite_input_error
 from .functional import MemoryState, memory_apply, no_autocast
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
@@ -116,8 +116,8 @@ class NeuralMemory(nn.Module):
         conv = None if self.conv is None else self.conv.new_zeros(batch_size, self.kernel - 1, 3 * self.dim)
         return NeuralMemoryState(mem, conv)
 
-    def _check(self, x: Tensor, state: NeuralMemoryState | None) -> None:
-        check_sequence("NeuralMemory", x, self.dim)
+    def _check(self, x: Tensor, state: NeuralMemoryState | None, finite: bool = True) -> None:
+        check_sequence("NeuralMemory", x, self.dim, finite)
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise ValueError(f"NeuralMemory: state must be a NeuralMemoryState or None, "
@@ -169,13 +169,18 @@ class NeuralMemory(nn.Module):
         return self.out_proj(y * gate)
 
     def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool):
-        self._check(x, state)
+        self._check(x, state, finite=False)
+        x_finite = torch.isfinite(x).all()  # read on the host below, with the weights' check
         q, k, v, conv = self._qkv(x, None if state is None else state.conv)
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
                             grad_clip=self.grad_clip, read=read, forget_to=self.forget_to)
-        if not all(torch.isfinite(w).all() for w in mem.weights):
+        # one host synchronisation for both checks (MAC calls this once per segment)
+        x_ok, *w_ok = torch.stack([x_finite, *(torch.isfinite(w).all() for w in mem.weights)]).tolist()
+        if not x_ok:
+            raise nonfinite_input_error("NeuralMemory")
+        if not all(w_ok):
             raise FloatingPointError(
                 f"NeuralMemory: the memory weights became NaN/Inf within positions "
                 f"[{mem.position - x.shape[1]}, {mem.position}); the inner updates diverged. "
