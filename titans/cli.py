@@ -61,7 +61,7 @@ Train a language model. Settings come from a YAML file (see configs/) and --set 
 
 Sections: model (preset + any TitansConfig field), data (dir, sources, tokenizer, seq_len),
 optim (lr, warmup_steps, weight_decay, grad_clip, ...), train (steps, batch_size, grad_accum,
-eval_every, ckpt_every, keep_last, out, device, bf16, compile, fsdp, ...).
+eval_every, ckpt_every, keep_last, out, device, bf16, compile, cuda_graphs, fsdp, ...).
 
 The run folder (train.out, default out/runs/CONFIG) gets metrics.jsonl, TensorBoard logs in
 tb/, loss.png and checkpoints/. Ctrl-C or SIGTERM saves a checkpoint and exits; --resume

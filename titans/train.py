@@ -7,7 +7,7 @@ A config file has four sections (every key is optional; see `TrainConfig` for th
              variant: mac
     data:    dir, sources, tokenizer (byte | bpe8k | bpe32k), seq_len
     optim:   lr, min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, eps, grad_clip
-    train:   steps, batch_size (per process), grad_accum, seed, device, bf16, compile, fsdp,
+    train:   steps, batch_size (per process), grad_accum, seed, device, bf16, compile, cuda_graphs, fsdp,
              eval_every, eval_windows, ckpt_every, keep_last, log_every, out, progress, tensorboard
 
 The run folder (train.out) gets metrics.jsonl, tb/ (TensorBoard), loss.png, summary.json and
