@@ -186,13 +186,14 @@ def memory_speed(device: str, quick: bool) -> list[dict]:
 
 # -------------------------------------------------------------------------------- 4. model speed
 def model_speed(device: str, quick: bool, budget: float, deadline: float, on_row,
-                variants=VARIANTS) -> list[dict]:
+                variants=VARIANTS, lengths=None) -> list[dict]:
     """Length-major (every variant at 2K, then at 8K, ...), so a short deadline still covers every
     variant at the shorter lengths. A cell is skipped when its step, predicted from the variant's
     tokens/s at the previous length, would exceed `budget` seconds or end after `deadline`
     (time.perf_counter())."""
     rows = []
-    preset, lengths = ("tiny", (64, 128)) if quick else ("170m", (2048, 8192, 32768))
+    preset, default = ("tiny", (64, 128)) if quick else ("170m", (2048, 8192, 32768))
+    lengths = lengths or default
     speed: dict[str, float] = {}  # tokens/s of each variant at the previous length
     for T in lengths:
         for variant in variants:
@@ -277,10 +278,18 @@ def main() -> int:
                    help="seconds for the whole run (0: none); model-speed cells that would end later are "
                         "skipped")
     p.add_argument("--variants", default=",".join(VARIANTS), help="model speed: these variants")
+    p.add_argument("--lengths", default=None,
+                   help="model speed: these sequence lengths (default 2048,8192,32768; quick: 64,128)")
     p.add_argument("--graphs", action="store_true",
                    help="models and model speed with the memory's chunk loops as CUDA graphs (graph_chunks)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    try:
+        model_lengths = [int(t) for t in args.lengths.split(",")] if args.lengths else None
+    except ValueError:
+        p.error(f"--lengths {args.lengths}: expected comma-separated integers")
+    if model_lengths and min(model_lengths) < 1:
+        p.error(f"--lengths {args.lengths}: lengths must be >= 1")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
@@ -312,7 +321,7 @@ def main() -> int:
     parts = {"numerics": lambda: check_numerics(device, args.quick), "models": lambda: check_models(device),
              "memory": lambda: memory_speed(device, args.quick),
              "model": lambda: model_speed(device, args.quick, args.cell_budget, deadline, on_row,
-                                           args.variants.split(","))}
+                                           args.variants.split(","), model_lengths)}
     for part, run in parts.items():
         if part in args.skip.split(","):
             continue

@@ -22,6 +22,7 @@
 #   2. gpu_checks.py model speed, 170m, every variant at 2K / 8K / 32K, with graphs on;
 #   3. compile_speed.py: memory layer at 4096 and 170m lmm / mac steps at 2048, eager vs graphs.
 #   PLAN=graphs OUT=... benchmarks/gpu_session.sh   (under 6 minutes; no staging needed)
+# PLAN=long: the 170m memory variants at 32K with graphs (about 35-50 s a step each; 7 minutes).
 # PLAN=combo: compile_speed.py with the compiled chunk step captured in the graphs (memory layer at
 #   4096, 170m lmm step at 2048), eager / graphs / compiled+graphs, in about 3 minutes.
 #
@@ -45,6 +46,17 @@ if [ "${1:-}" = "--stage" ]; then
         mkdir -p "$dest" && cp -r "$ckpt"/config.json "$ckpt"/model.safetensors "$ckpt"/tokenizer "$dest"/
     done
     du -sh .gpu
+    exit 0
+fi
+if [ "${PLAN:-}" = "long" ]; then  # issue 3's missing cells: the 170m memory variants at 32K, graphs on
+    OUT=${OUT:-out/gpu_session}; mkdir -p "$OUT"
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+    PY=${PYTHON:-python3}
+    A="--lengths 32768 --cell-budget 120"; [ -n "${QUICK:-}" ] && A="--device cpu --quick --lengths 128"
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
+    timeout -k 10 ${LONG_S:-420} $PY benchmarks/gpu_checks.py $A --skip numerics,models,memory --graphs \
+        --variants ${LONG_VARIANTS:-ttt_mlp,mag,mac,lmm,mal} --deadline ${LONG_D:-400} --out "$OUT/long" > "$OUT/long.log" 2>&1
+    echo "long exit $?" >> "$OUT/device.txt"
     exit 0
 fi
 if [ "${PLAN:-}" = "combo" ]; then  # compiled step inside the graphs: memory at 4K, the 170m lmm step at 2K
