@@ -221,7 +221,8 @@ class NeuralMemory(nn.Module):
         return self.read_with(q, gate, weights), new_cache
 
     def read_inputs(self, x: Tensor, conv_cache: Tensor | None = None, *,
-                    projection: tuple[Tensor, Tensor | None] | None = None):
+                    projection: tuple[Tensor, Tensor | None] | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The half of `read` that depends on x only: the L2-normalised queries (B, H, T, D), the
         output gate silu(gate_proj(x)) (B, T, dim) and the q-channel conv cache after x. A caller
         that reads consecutive pieces of x with different weights (MAC's segments) computes these
