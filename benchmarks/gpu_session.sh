@@ -48,40 +48,34 @@ if [ "${1:-}" = "--stage" ]; then
     du -sh .gpu
     exit 0
 fi
+# every plan: the output folder, the interpreter, and the device it ran on
+OUT=${OUT:-out/gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
 if [ "${PLAN:-}" = "long" ]; then  # issue 3's missing cells: the 170m memory variants at 32K, graphs on
-    OUT=${OUT:-out/gpu_session}; mkdir -p "$OUT"
-    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    PY=${PYTHON:-python3}
     A="--lengths 32768 --cell-budget 120"; [ -n "${QUICK:-}" ] && A="--device cpu --quick --lengths 128"
-    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
     timeout -k 10 ${LONG_S:-420} $PY benchmarks/gpu_checks.py $A --skip numerics,models,memory --graphs \
         --variants ${LONG_VARIANTS:-ttt_mlp,mag,mac,lmm,mal} --deadline ${LONG_D:-400} --out "$OUT/long" > "$OUT/long.log" 2>&1
     echo "long exit $?" >> "$OUT/device.txt"
     exit 0
 fi
 if [ "${PLAN:-}" = "combo" ]; then  # compiled step inside the graphs: memory at 4K, the 170m lmm step at 2K
-    OUT=${OUT:-out/gpu_session}; mkdir -p "$OUT"
-    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    PY=${PYTHON:-python3}
     A=""; [ -n "${QUICK:-}" ] && A="--device cpu --quick"
-    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
     timeout -k 10 ${COMBO_S:-200} $PY benchmarks/compile_speed.py $A --lengths ${COMBO_LEN:-4096} --variants lmm \
         --modes eager,graphs,compiled+graphs --deadline ${COMBO_D:-180} --out "$OUT/combo" > "$OUT/combo.log" 2>&1
     echo "combo exit $?" >> "$OUT/device.txt"
     exit 0
 fi
 if [ "${PLAN:-}" = "graphs" ]; then
-    OUT=${OUT:-out/gpu_session}
     W=$OUT/work  # tarred at the end: the device tool returns at most 8 files
     mkdir -p "$W"
-    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    PY=${PYTHON:-python3}
     if [ -n "${QUICK:-}" ]; then
         A="--device cpu --quick"; S1=120; S2=300; S3=300; D2=240; D3=240; CB=60; L=""
     else
         A=""; S1=60; S2=170; S3=110; D2=150; D3=90; CB=25; L="--lengths 4096"
     fi
-    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
     timeout -k 10 $S1 $PY benchmarks/gpu_checks.py $A --skip memory,model --graphs --out "$W/checks" > "$W/checks.log" 2>&1
     echo "checks exit $?" >> "$OUT/device.txt"
     timeout -k 10 $S2 $PY benchmarks/gpu_checks.py $A --skip numerics,models,memory --graphs --deadline $D2 \
@@ -96,10 +90,6 @@ if [ "${PLAN:-}" = "graphs" ]; then
 fi
 MAC_RUNS=".gpu/table1"; MAC_SET=""
 if [ -n "${MAC_INIT:-}" ]; then MAC_RUNS=".gpu/table1_init"; MAC_SET="--set model.forget_to=init"; fi
-OUT=${OUT:-out/gpu_session}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
 if [ -n "${QUICK:-}" ]; then
     CHECKS="--device cpu --quick --deadline 60"; CHECKS_S=120
     FT="--seq-len 256 --batch-size 2 --steps 3 --lengths 256,512 --examples 2 --eval-batch 2 --device cpu"
@@ -109,7 +99,6 @@ else
     FT="--seq-len 512 --batch-size 32 --steps 2000 --lr 1e-3 --lengths 512,2k,8k,32k --examples 6 --eval-batch 6 --device cuda"
     FT_MAC_S=250; FT_TF_S=110
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt"
 timeout -k 10 $CHECKS_S $PY benchmarks/gpu_checks.py $CHECKS --out "$OUT/gpu_checks" > "$OUT/gpu_checks.log" 2>&1
 echo "gpu_checks exit $?" >> "$OUT/device.txt"
 # the fine-tunes stop on their own after --max-minutes (with a checkpoint), then evaluate

@@ -396,17 +396,17 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
         raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
                           f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
     target = pick_device(device)
-    if not cuda_graphs or chunks_graphed():
-        return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
-                         command, target, batch_size, log)
-    if target.type != "cuda":
+    graph_here = cuda_graphs and not chunks_graphed()
+    if graph_here and target.type != "cuda":
         raise TitansError(f"--cuda-graphs needs a CUDA device, got {target}: drop it or pass --device cuda")
-    graph_chunks()
+    if graph_here:
+        graph_chunks()
     try:
         return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
                          command, target, batch_size, log)
     finally:
-        graph_chunks(False)
+        if graph_here:
+            graph_chunks(False)
 
 
 def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir, command,

@@ -124,8 +124,7 @@ class MAC(nn.Module):
         sizes = [first] + [self.segment_len] * full + ([tail] if tail else [])
         # what depends on x alone, for the whole piece at once (large matmuls, one conv pass): the
         # memory's read queries and output gate, and the segment tokens' attention q, k, v
-        q_read, gate, read_conv = self.memory.read_inputs(x, state.read_conv,
-                                                          projection=self.memory.read_projection())
+        q_read, gate, read_conv = self.memory.read_inputs(x, state.read_conv)
         pos = torch.arange(state.position, state.position + x.shape[1], device=x.device)
         qkv = self.attention.project(x, pos)
         pieces = zip(q_read.split(sizes, 2), gate.split(sizes, 1), *(t.split(sizes, 2) for t in qkv),

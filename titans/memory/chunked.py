@@ -577,7 +577,7 @@ def _run_stretch(fn, static, args, out=None):
     if not _GRAPHS["enabled"] or not (args[2].is_cuda or _GRAPHS["capture"] is not None):
         return fn(*static, *args, out)
     leaves, spec = tree_flatten(args)
-    key = (fn.__name__, static, str(spec), _STEP["forward"] is _chunk_forward,
+    key = (fn.__name__, static, spec, _STEP["forward"] is _chunk_forward,
            torch.is_autocast_enabled(args[2].device.type),
            tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in leaves))
     entry = _GRAPHS["cache"].get(key)

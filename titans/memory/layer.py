@@ -160,9 +160,6 @@ class NeuralMemory(nn.Module):
         carry = None if end % b == 0 else table[:, max(open_start - pos + 1, 0)].unsqueeze(1)
         return table[:, idx], carry
 
-    def _output(self, y: Tensor, x: Tensor) -> Tensor:
-        return self._gated_output(y, F.silu(self.gate_proj(x)))
-
     def _gated_output(self, y: Tensor, gate: Tensor) -> Tensor:
         """out_proj(RMSNorm(y) * gate), gate = silu(gate_proj(x)) (B, T, dim)."""
         y = rearrange(self.out_norm(y.to(gate.dtype)), "b h t d -> b t (h d)")
@@ -192,7 +189,7 @@ class NeuralMemory(nn.Module):
                 ) -> tuple[Tensor, NeuralMemoryState]:
         """Write every token and read after each write. x: (B, T, dim) -> out (B, T, dim), state."""
         y, new_state = self._memory(x, state, read=True)
-        return self._output(y, x), new_state
+        return self._gated_output(y, F.silu(self.gate_proj(x))), new_state
 
     def update(self, x: Tensor, state: NeuralMemoryState | None = None) -> NeuralMemoryState:
         """Write only: the state after storing x (B, T, dim)."""
@@ -208,20 +205,17 @@ class NeuralMemory(nn.Module):
         return self.read(x, W, conv_cache)[0]
 
     def read_projection(self) -> tuple[Tensor, Tensor | None]:
-        """The q rows of the projection and of the conv (the first dim channels): all a read needs.
-        A caller that reads many pieces takes them once and passes them to `read`."""
+        """The q rows of the projection and of the conv (the first dim channels): all a read needs."""
         return self.qkv.weight[:self.dim], None if self.conv is None else self.conv[:self.dim]
 
-    def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_cache: Tensor | None = None, *,
-             projection: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
+    def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_cache: Tensor | None = None
+             ) -> tuple[Tensor, Tensor | None]:
         """`retrieve` with explicit memory weights ((H, ., .) or (B, H, ., .) per layer); also
-        returns the q-channel conv cache after x (B, K-1, dim), for a read stream that continues (MAC).
-        projection: `read_projection()`, when the caller has it already."""
-        q, gate, new_cache = self.read_inputs(x, conv_cache, projection=projection)
+        returns the q-channel conv cache after x (B, K-1, dim), for a read stream that continues (MAC)."""
+        q, gate, new_cache = self.read_inputs(x, conv_cache)
         return self.read_with(q, gate, weights), new_cache
 
-    def read_inputs(self, x: Tensor, conv_cache: Tensor | None = None, *,
-                    projection: tuple[Tensor, Tensor | None] | None = None
+    def read_inputs(self, x: Tensor, conv_cache: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The half of `read` that depends on x only: the L2-normalised queries (B, H, T, D), the
         output gate silu(gate_proj(x)) (B, T, dim) and the q-channel conv cache after x. A caller
@@ -229,7 +223,7 @@ class NeuralMemory(nn.Module):
         once for the whole x, as a few large matmuls, and passes slices to `read_with`."""
         if conv_cache is not None and conv_cache.shape[-1] == 3 * self.dim:
             conv_cache = conv_cache[..., :self.dim]
-        w_q, conv = self.read_projection() if projection is None else projection
+        w_q, conv = self.read_projection()
         h, new_cache = conv_silu(F.linear(x, w_q), conv, conv_cache)
         q = F.normalize(rearrange(h, "b t (h d) -> b h t d", h=self.heads), dim=-1)
         return q, F.silu(self.gate_proj(x)), new_cache
