@@ -3,12 +3,12 @@ the tensors autograd saves in the forward pass, and the process RSS at the start
 forward, around the chunk step's backward, and the peak.
 
     python benchmarks/memory_breakdown.py --T 4096
-    python benchmarks/memory_breakdown.py --T 4096 --recompute coefficients,projections
+    python benchmarks/memory_breakdown.py --T 4096 --recompute projections
 
 --recompute wraps pieces in torch.utils.checkpoint (saved inputs only, recomputed in backward), to
-show what saving less in the forward buys: `coefficients` (chunk_coefficients, the b x b decay
-matrices) and `projections` (NeuralMemory's q/k/v projection, conv and L2 norm). Gradients are
-checked equal to the plain run's.
+show what saving less in the forward buys: `projections` (NeuralMemory's q/k/v projection, conv and
+L2 norm). The chunk coefficients (the b x b decay matrices) are no longer saved at all: the chunk
+Function keeps the gates and recomputes them per checkpoint stretch.
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--recompute", default="", help="comma-separated: coefficients, projections")
+    p.add_argument("--recompute", default="", help="comma-separated: projections")
     args = p.parse_args()
     recompute = {r for r in args.recompute.split(",") if r}
-    if recompute - {"coefficients", "projections"}:
-        p.error(f"--recompute takes coefficients and/or projections, got {args.recompute!r}")
-    if "coefficients" in recompute:
-        coef = chunked.chunk_coefficients
-        chunked.chunk_coefficients = lambda *a: checkpoint(coef, *a, use_reentrant=False)
+    if recompute - {"projections"}:
+        p.error(f"--recompute takes projections, got {args.recompute!r}")
     if "projections" in recompute:
         qkv = layer.NeuralMemory._qkv
         layer.NeuralMemory._qkv = lambda self, x, cache: checkpoint(qkv, self, x, cache, use_reentrant=False)

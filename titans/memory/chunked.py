@@ -66,14 +66,13 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
                          for g, fill in ((alpha, 0.0), (eta, 1.0), (theta, 0.0)))
         valid = torch.zeros(N * b, dtype=dtype, device=q.device)
         valid[r:r + spec.T] = 1
-        coef = chunk_coefficients(a_c, e_c, t_c, valid.view(N, 1, 1, 1, b))
         gamma, beta = (None, None) if ln is None else (ln[0].to(dtype), ln[1].to(dtype))
         W0 = tuple(w.to(dtype) for w in weights) if forget_to == "init" else ()
         if W0:
             W = tuple(w - w0 for w, w0 in zip(W, W0))  # the offset U
         WS = tuple(torch.cat([w, s], dim=-2) for w, s in zip(W, S))
-        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), q_c, k_c, v_c, *coef, gamma, beta,
-                                  *G, *WS, *W0)
+        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), q_c, k_c, v_c, a_c, e_c, t_c,
+                                  valid.view(N, 1, 1, 1, b), gamma, beta, *G, *WS, *W0)
         y_c, WS_T, G_T = out[0], out[1:1 + L], out[1 + L:]
         W_T = _w_part(WS_T)
         if W0:
@@ -413,10 +412,11 @@ class _MemoryChunks(torch.autograd.Function):
     so on CUDA a stretch can run as one captured graph (`graph_chunks`)."""
 
     @staticmethod
-    def forward(ctx, L, clip, read, anchored, q, k, v, a, m, C, cS, e, gamma, beta, *states):
+    def forward(ctx, L, clip, read, anchored, q, k, v, alpha, eta, theta, valid, gamma, beta, *states):
         # detached: the chunk step sees the same requires_grad on every call (a compiled step
         # would otherwise recompile between the first chunk and the rest)
-        q, k, v, a, m, C, cS, e, *states = (t.detach() for t in (q, k, v, a, m, C, cS, e, *states))
+        q, k, v, alpha, eta, theta, valid, *states = (t.detach() for t in (q, k, v, alpha, eta, theta, valid,
+                                                                           *states))
         gamma, beta = (None, None) if gamma is None else (gamma.detach(), beta.detach())
         states = tuple(states)
         W0 = states[2 * L:] if anchored else ()  # forgetting towards W0: WS holds U = W - W0
@@ -432,7 +432,7 @@ class _MemoryChunks(torch.autograd.Function):
             if keep:
                 for buf, ws in zip(saved, WS):
                     buf[n0 // K].copy_(ws)
-            chunk = tuple(t[n0:n1] for t in (q, k, v, a, m, C, cS, e))
+            chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
             args = (G, WS, *chunk, gamma, beta, W0)
             y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read), args,
                                            y[n0:n1] if read else None)
@@ -443,7 +443,8 @@ class _MemoryChunks(torch.autograd.Function):
             G_last = tuple(g.clone() for g in G_last)
         ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0 = L, clip, read, saved, W0
         ctx.G0 = G0
-        ctx.save_for_backward(q, k, v, a, m, C, cS, e, gamma, beta)
+        # the gates, not the b x b coefficients: those are recomputed per stretch in the backward
+        ctx.save_for_backward(q, k, v, alpha, eta, theta, valid, gamma, beta)
         if not read:
             ctx.mark_non_differentiable(y)
         return (y, *WS, *G_last)
@@ -452,14 +453,17 @@ class _MemoryChunks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dy, *d_out):
         L, clip, read, K = ctx.L, ctx.clip, ctx.read, CHECKPOINT_EVERY
-        q, k, v, a, m, C, cS, e, gamma, beta = (None if t is None else t.detach() for t in ctx.saved_tensors)
+        q, k, v, alpha, eta, theta, valid, gamma, beta = (None if t is None else t.detach()
+                                                          for t in ctx.saved_tensors)
         dy = dy.detach().contiguous() if dy is not None else None  # one layout whatever N (compiled step)
         d_out = tuple(None if d is None else d.detach() for d in d_out)
         N = q.shape[0]
         zero_if_none = lambda ds, ref: tuple(torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref))  # noqa: E731
         dWS = zero_if_none(d_out[:L], [buf[0] for buf in ctx.checkpoints])
         dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
-        d_chunk = [torch.empty_like(t) for t in (q, k, v, a, m, C, cS, e)]
+        d_qkv = [torch.empty_like(t) for t in (q, k, v)]
+        gates, wants = (alpha, eta, theta), ctx.needs_input_grad[7:10]
+        d_gates = [torch.empty_like(g) if w else None for g, w in zip(gates, wants)]
         d_gamma = d_beta = None
         W0 = tuple(w.detach() for w in ctx.W0)
         dW0 = [torch.zeros_like(w) for w in W0]
@@ -468,27 +472,39 @@ class _MemoryChunks(torch.autograd.Function):
             WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
             G = ctx.G0 if n0 == 0 else _base(WS, W0)
             last = dG_last if n1 == N else None
-            chunk = tuple(t[n0:n1] for t in (q, k, v, a, m, C, cS, e))
+            # the stretch's coefficients from its gates, with a graph back to them (small: b x b per chunk)
+            with torch.enable_grad():
+                g_in = [g[n0:n1].detach().requires_grad_(w) for g, w in zip(gates, wants)]
+                coef = chunk_coefficients(*g_in, valid[n0:n1])
+            chunk = (q[n0:n1], k[n0:n1], v[n0:n1], *(c.detach() for c in coef))
             args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
-            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, (L, clip, read, n0 == 0), args,
-                                                   [d[n0:n1] for d in d_chunk])
+            d_chunk = [*(d[n0:n1] for d in d_qkv), *(torch.empty_like(c) for c in coef)]
+            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, (L, clip, read, n0 == 0), args, d_chunk)
             if d_n is not None:  # a graph's outputs: copied into place
                 for acc, g in zip(d_chunk, d_n):
+                    acc.copy_(g)
+            if any(wants):  # d coefficients -> d gates
+                outs = [(c, d) for c, d in zip(coef, d_chunk[3:]) if c.requires_grad]
+                grads = torch.autograd.grad([c for c, _ in outs], [g for g in g_in if g.requires_grad],
+                                            [d for _, d in outs], allow_unused=True, materialize_grads=True)
+                for acc, g in zip([d for d in d_gates if d is not None], grads):
                     acc[n0:n1] = g
             if dg is not None:
                 d_gamma = dg if d_gamma is None else d_gamma + dg
                 d_beta = db if d_beta is None else d_beta + db
             dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
         dG0, dWS = dWS[:L], dWS[L:]  # the first stretch hands out d(first base) and d(start [W; S])
-        return (None, None, None, None, *d_chunk, d_gamma, d_beta, *dG0, *dWS, *dW0)
+        return (None, None, None, None, *d_qkv, *d_gates, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
 
 
-def _forward_stretch(L, clip, read, G, WS, q, k, v, a, m, C, cS, e, gamma, beta, W0, y=None):
-    """Chunks n0 .. n1-1 from base G and state WS at n0 (chunk tensors sliced to the stretch).
-    Writes y into `y` when given, else returns it; returns (y or None, WS at n1, the last chunk's base)."""
+def _forward_stretch(L, clip, read, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0, y=None):
+    """Chunks n0 .. n1-1 from base G and state WS at n0 (chunk tensors and gates sliced to the
+    stretch). Writes y into `y` when given, else returns it; returns (y or None, WS at n1, the last
+    chunk's base)."""
     out = y is None and read
     if out:
         y = torch.empty_like(q)
+    a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
     G_last = G
     for n in range(q.shape[0]):
         G_last = G
