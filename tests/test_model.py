@@ -151,6 +151,33 @@ def test_state_is_bounded():
     assert state.layers[0].k_s.shape[2] == 50 % mac.config.segment_len
 
 
+def _state_bytes(state) -> int:
+    """Bytes of every storage the state holds on to (a view counts its whole storage)."""
+    storages, todo = {}, [state]
+    while todo:
+        s = todo.pop()
+        if isinstance(s, torch.Tensor):
+            storages[s.untyped_storage().data_ptr()] = s.untyped_storage().nbytes()
+        elif isinstance(s, (tuple, list)):
+            todo.extend(s)
+        elif hasattr(s, "__dataclass_fields__"):
+            todo.extend(getattr(s, f) for f in s.__dataclass_fields__)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "transformer"])
+def test_state_memory_does_not_grow_with_the_piece_length(variant):
+    """The state after a piece of 40 tokens and after one of 160 holds the same bytes: caches are
+    copies of their last rows, not views that keep a whole piece's projections alive."""
+    model = make(variant)
+    sizes = []
+    for T in (40, 160):  # both a whole number of segments and chunks, longer than the window
+        _, state = model(torch.randint(0, 256, (1, T)))
+        sizes.append(_state_bytes(state))
+    assert sizes[0] == sizes[1], \
+        f"{variant}: the state holds {sizes[0]} bytes after 40 tokens, {sizes[1]} after 160"
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_build_with_named_size(preset):
     target = PRESETS[preset]["params"]

@@ -133,7 +133,10 @@ class Attention(nn.Module):
         v_all = torch.cat([state.v.to(v.dtype), v], dim=2)
         k_pos = torch.arange(state.position - state.k.shape[2], state.position + T, device=x.device)
         y = windowed_attention(q, k_all, v_all, pos, k_pos, self.window, *self.prefix)
-        keep = k_all.shape[2] if self.window is None else min(self.window - 1, k_all.shape[2])
-        new_state = AttentionState(k_all[:, :, k_all.shape[2] - keep:], v_all[:, :, v_all.shape[2] - keep:],
-                                   state.position + T)
+        if self.window is None or k_all.shape[2] < self.window:
+            new_state = AttentionState(k_all, v_all, state.position + T)
+        else:  # copies of the last window - 1 keys and values: views would keep all of k_all alive
+            start = k_all.shape[2] - (self.window - 1)
+            new_state = AttentionState(k_all[:, :, start:].clone(), v_all[:, :, start:].clone(),
+                                       state.position + T)
         return self.out(rearrange(y, "b h t d -> b t (h d)")), new_state

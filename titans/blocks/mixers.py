@@ -163,6 +163,6 @@ class MAC(nn.Module):
         out = self.gate(y, m)
         position = st.position + T
         if position % self.segment_len == 0:  # segment closed: the next one reads the state now
-            empty = k_h[:, :, :0]
+            empty = k_h.new_empty(*k_h.shape[:2], 0, k_h.shape[3])  # not a view: it would keep k_h alive
             return out, MACState(mem, mem.memory.weights, empty, empty, empty, empty, st.read_conv, position)
         return out, MACState(mem, st.segment_weights, k_h, v_h, k_s, v_s, st.read_conv, position)

@@ -22,11 +22,12 @@ def causal_conv_silu(x: Tensor, cache: Tensor, weight: Tensor) -> Tensor:
 
 
 def conv_tail(x: Tensor, cache: Tensor) -> Tensor:
-    """The last K-1 inputs of the stream [cache || x]: the cache for the next piece."""
+    """The last K-1 inputs of the stream [cache || x]: the cache for the next piece. A copy, not a
+    view: a view would keep all of x (a whole piece's projections) alive for as long as the state."""
     K1 = cache.shape[1]
     if x.shape[1] >= K1:
-        return x[:, x.shape[1] - K1:]
-    return torch.cat([cache, x], dim=1)[:, -K1:]
+        return x[:, x.shape[1] - K1:].clone()
+    return torch.cat([cache, x], dim=1)[:, -K1:].clone()
 
 
 def _shifts(K: int, T: int):
