@@ -219,3 +219,28 @@ def test_graphed_chunk_loops_match_reference(monkeypatch, forget_to):
     finally:
         graph_chunks(False)
     assert not chunks_graphed() and not chunked._GRAPHS["cache"]
+
+
+@pytest.mark.parametrize("exact_zeros", [False, True])
+def test_chunk_coefficients_backward_matches_autograd(exact_zeros):
+    """The hand-written gradient of the chunk coefficients (used inside the checkpoint stretches, so
+    they stay free of autograd) == autograd through `chunk_coefficients`, in float64, with padding
+    tokens and with exact zeros of 1 - alpha and eta (where a division-based formula fails)."""
+    from titans.memory.chunked import chunk_coefficients, chunk_coefficients_backward
+
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 2, 2, 2, 7)
+    alpha, eta, theta = (torch.rand(shape, dtype=torch.float64, generator=g) for _ in range(3))
+    if exact_zeros:
+        alpha[0, 0, 0, 0, 3] = alpha[2, 1, 1, 1, 6] = 1.0
+        eta[1, 0, 1, 1, 2] = eta[2, 1, 0, 0, 0] = 0.0
+    valid = torch.ones(3, 1, 1, 1, 7, dtype=torch.float64)
+    valid[0, ..., :2] = 0  # an open chunk's earlier tokens
+    valid[-1, ..., 5:] = 0  # padding at the end
+    inputs = [t.clone().requires_grad_() for t in (alpha, eta, theta)]
+    outputs = chunk_coefficients(*inputs, valid)
+    grads = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in outputs]
+    expected = torch.autograd.grad(outputs, inputs, grads)
+    got = chunk_coefficients_backward(alpha, eta, theta, valid, *grads)
+    for name, e, r in zip(("alpha", "eta", "theta"), expected, got):
+        assert torch.allclose(r, e, rtol=1e-12, atol=1e-14), f"d {name}: max error {(r - e).abs().max():.2e}"

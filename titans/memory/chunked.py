@@ -130,6 +130,44 @@ def chunk_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor)
     return a, m, C, cS, E[..., -1]
 
 
+def chunk_coefficients_backward(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor,
+                                da: Tensor, dm: Tensor, dC: Tensor, dcS: Tensor, de: Tensor):
+    """Gradients of `chunk_coefficients` with respect to alpha, eta and theta, given those of its
+    outputs (a, m, C, cS, e). Written out, without divisions, so exact zeros (alpha = 1, eta = 0)
+    need no special case: a product's derivative by one of its factors is the product of the
+    others, which for the decay matrices is D[r-1, u] D[t, r] and for the cumulative products
+    c[r-1] D[t, r]."""
+    keep = 1 - alpha
+    Pk = _decay_matrix(keep)
+    mask = valid.unsqueeze(-2)
+    P, Q = Pk * mask, _decay_matrix(eta)
+    E, a = torch.cumprod(eta, dim=-1), torch.cumprod(keep, dim=-1)
+    # C = (P @ Q) * theta (columns); cS = theta * Q[-1]; m = P @ E; e = E[-1]
+    d_theta = (dC * (P @ Q)).sum(-2) + dcS * Q[..., -1, :]
+    dPQ = dC * theta.unsqueeze(-2)
+    dP = dPQ @ Q.transpose(-1, -2) + dm.unsqueeze(-1) * E.unsqueeze(-2)
+    dQ = P.transpose(-1, -2) @ dPQ
+    dQ[..., -1, :] += dcS * theta
+    dE = (P.transpose(-1, -2) @ dm.unsqueeze(-1)).squeeze(-1)
+    dE[..., -1] += de
+    d_keep = _decay_matrix_grad(Pk, dP * mask) + _cumprod_grad(a, Pk, da)
+    d_eta = _decay_matrix_grad(Q, dQ) + _cumprod_grad(E, Q, dE)
+    return -d_keep, d_eta, d_theta
+
+
+def _decay_matrix_grad(D: Tensor, dD: Tensor) -> Tensor:
+    """d x_r for D = _decay_matrix(x), D[t, u] = prod_{u < s <= t} x_s: the sum over u < r <= t of
+    dD[t, u] D[r-1, u] D[t, r] = sum_u D[r-1, u] (D^T dD)[r, u] (D[r-1, u] is 0 for u >= r)."""
+    below = F.pad(D[..., :-1, :], (0, 0, 1, 0))  # row r holds D[r-1, :]; row 0 is 0
+    return (below * (D.transpose(-1, -2) @ dD)).sum(-1)
+
+
+def _cumprod_grad(c: Tensor, D: Tensor, dc: Tensor) -> Tensor:
+    """d x_r for c = cumprod(x), given D = _decay_matrix(x): c[r-1] sum_{t >= r} dc_t D[t, r]."""
+    c_before = F.pad(c[..., :-1], (1, 0), value=1.0)
+    return c_before * (D.transpose(-1, -2) @ dc.unsqueeze(-1)).squeeze(-1)
+
+
 def _bmm_sub(base: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """base - x @ y for (B, H, ., .) tensors, as one fused GEMM."""
     out = torch.baddbmm(base.flatten(0, 1), x.flatten(0, 1), y.flatten(0, 1), alpha=-1)
@@ -461,9 +499,7 @@ class _MemoryChunks(torch.autograd.Function):
         zero_if_none = lambda ds, ref: tuple(torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref))  # noqa: E731
         dWS = zero_if_none(d_out[:L], [buf[0] for buf in ctx.checkpoints])
         dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
-        d_qkv = [torch.empty_like(t) for t in (q, k, v)]
-        gates, wants = (alpha, eta, theta), ctx.needs_input_grad[7:10]
-        d_gates = [torch.empty_like(g) if w else None for g, w in zip(gates, wants)]
+        d_inputs = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
         d_gamma = d_beta = None
         W0 = tuple(w.detach() for w in ctx.W0)
         dW0 = [torch.zeros_like(w) for w in W0]
@@ -472,29 +508,20 @@ class _MemoryChunks(torch.autograd.Function):
             WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
             G = ctx.G0 if n0 == 0 else _base(WS, W0)
             last = dG_last if n1 == N else None
-            # the stretch's coefficients from its gates, with a graph back to them (small: b x b per chunk)
-            with torch.enable_grad():
-                g_in = [g[n0:n1].detach().requires_grad_(w) for g, w in zip(gates, wants)]
-                coef = chunk_coefficients(*g_in, valid[n0:n1])
-            chunk = (q[n0:n1], k[n0:n1], v[n0:n1], *(c.detach() for c in coef))
+            chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
             args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
-            d_chunk = [*(d[n0:n1] for d in d_qkv), *(torch.empty_like(c) for c in coef)]
+            d_chunk = [d[n0:n1] for d in d_inputs]
             d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, (L, clip, read, n0 == 0), args, d_chunk)
             if d_n is not None:  # a graph's outputs: copied into place
                 for acc, g in zip(d_chunk, d_n):
                     acc.copy_(g)
-            if any(wants):  # d coefficients -> d gates
-                outs = [(c, d) for c, d in zip(coef, d_chunk[3:]) if c.requires_grad]
-                grads = torch.autograd.grad([c for c, _ in outs], [g for g in g_in if g.requires_grad],
-                                            [d for _, d in outs], allow_unused=True, materialize_grads=True)
-                for acc, g in zip([d for d in d_gates if d is not None], grads):
-                    acc[n0:n1] = g
             if dg is not None:
                 d_gamma = dg if d_gamma is None else d_gamma + dg
                 d_beta = db if d_beta is None else d_beta + db
             dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
         dG0, dWS = dWS[:L], dWS[L:]  # the first stretch hands out d(first base) and d(start [W; S])
-        return (None, None, None, None, *d_qkv, *d_gates, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
+        d_inputs = [d if want else None for d, want in zip(d_inputs, ctx.needs_input_grad[4:10])]
+        return (None, None, None, None, *d_inputs, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
 
 
 def _forward_stretch(L, clip, read, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0, y=None):
@@ -516,18 +543,22 @@ def _forward_stretch(L, clip, read, G, WS, q, k, v, alpha, eta, theta, valid, ga
     return (y if out else None), tuple(WS), tuple(G_last)
 
 
-def _backward_stretch(L, clip, read, first, G, WS, q, k, v, a, m, C, cS, e, gamma, beta, W0, dy, dWS, dG_last,
-                      d_chunk=None):
-    """The backward of chunks n0 .. n1-1 (a checkpoint stretch): recompute their start states from
-    base G and state WS at n0, then walk back from dWS (the gradient of the state at n1; dG_last:
-    the gradient of the last chunk's base when it is the stream's open chunk). Writes the chunk
-    gradients into `d_chunk` when given, else returns them. Returns (chunk gradients or None,
-    d gamma, d beta, d of the state at n0 -- preceded by d of the base G when `first`, the stream's
-    first stretch -- and d W0)."""
+def _backward_stretch(L, clip, read, first, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0, dy,
+                      dWS, dG_last, d_chunk=None):
+    """The backward of chunks n0 .. n1-1 (a checkpoint stretch): recompute their coefficients from
+    the gates and their start states from base G and state WS at n0, then walk back from dWS (the
+    gradient of the state at n1; dG_last: the gradient of the last chunk's base when it is the
+    stream's open chunk), ending with the coefficients' gradients taken back to the gates. Writes
+    the gradients of q, k, v, alpha, eta, theta into `d_chunk` when given, else returns them.
+    Returns (those gradients or None, d gamma, d beta, d of the state at n0 -- preceded by d of the
+    base G when `first`, the stream's first stretch -- and d W0)."""
     n1 = q.shape[0]
     out = d_chunk is None
     if out:
-        d_chunk = [torch.empty_like(t) for t in (q, k, v, a, m, C, cS, e)]
+        d_chunk = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
+    coef = chunk_coefficients(alpha, eta, theta, valid)
+    a, m, C, cS, e = coef
+    d_coef = [torch.empty_like(c) for c in coef]
     base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
     starts = [WS]
     for n in range(n1 - 1):
@@ -541,7 +572,7 @@ def _backward_stretch(L, clip, read, first, G, WS, q, k, v, a, m, C, cS, e, gamm
         dG, dWS, *d_n, dg, db, dW0_n = _STEP["backward"](
             base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
             read, dy[n] if read else None, dWS, W0=W0)
-        for acc, g in zip(d_chunk, d_n):
+        for acc, g in zip(d_chunk[:3] + d_coef, d_n):
             acc[n] = g
         if dg is not None:
             d_gamma = dg if d_gamma is None else d_gamma + dg
@@ -554,6 +585,8 @@ def _backward_stretch(L, clip, read, first, G, WS, q, k, v, a, m, C, cS, e, gamm
             dW0 = [acc + g.sum(0) for acc, g in zip(dW0, dG)] if W0 else dW0
         else:
             dWS = [*dG, *dWS]
+    for acc, g in zip(d_chunk[3:], chunk_coefficients_backward(alpha, eta, theta, valid, *d_coef)):
+        acc.copy_(g)
     return (d_chunk if out else None), d_gamma, d_beta, tuple(dWS), tuple(dW0)
 
 
