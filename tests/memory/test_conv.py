@@ -44,3 +44,34 @@ def test_streaming_cache_short_and_long_pieces():
         parts.append(causal_conv_silu(x[:, a:b], cache, w))
         cache = conv_tail(x[:, a:b], cache)
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("T, block", [(2, 512), (9, 512), (9, 4), (9, 3), (10, 3)])
+def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch):
+    """conv_silu(x, proj, ...) works in blocks of time and recomputes the projection x @ proj^T in
+    its backward instead of saving it: values, the cache after x, and gradients of x, proj, cache
+    and conv weight -- through the output and through the returned cache -- equal plain autograd of
+    linear + conv1d + SiLU. Cases: a piece shorter than the cache (its tail mixes cache and h), one
+    block, and several blocks, the last one shorter than the cache (9 in blocks of 4) or of one row."""
+    from titans.memory import conv
+    from titans.memory.conv import conv_silu
+
+    monkeypatch.setattr(conv, "BLOCK", block)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, T, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    proj = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    cache = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y, tail = conv_silu(x, proj, w, cache)
+    h = x @ proj.t()
+    y_ref, tail_ref = _reference(h, cache, w), torch.cat([cache, h], dim=1)[:, -3:]
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tail, tail_ref, rtol=0, atol=0)
+    dy, dt = (torch.randn(t.shape, dtype=torch.float64, generator=g) for t in (y, tail))
+    inputs = (x, proj, cache, w)
+    grads = torch.autograd.grad((y, tail), inputs, (dy, dt))
+    grads_ref = torch.autograd.grad((y_ref, tail_ref), inputs, (dy, dt))
+    for name, a, b in zip(("x", "proj", "cache", "weight"), grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+    assert torch.autograd.gradcheck(lambda *a: conv_silu(a[0], a[1], a[3], a[2]), inputs)

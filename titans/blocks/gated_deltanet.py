@@ -108,7 +108,7 @@ class GatedDeltaNet(nn.Module):
 
     def _qkv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k); returns the new conv cache."""
-        return conv_qkv(self.qkv(x), self.conv, cache, self.heads)
+        return conv_qkv(x, self.qkv.weight, self.conv, cache, self.heads)
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha, beta: (B, H, T), at least float32 for the recurrence."""

@@ -59,6 +59,29 @@ def _channel_dot(a: Tensor, b: Tensor, block: int = 256) -> Tensor:
     return out
 
 
+def _conv_silu_backward(x: Tensor, cache: Tensor, w: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dcache, dw) of y = SiLU(causal conv of x with w, x_{<0} from cache), all in x's dtype."""
+    T, K = x.shape[1], w.shape[1]
+    taps = w.t().contiguous()  # (K, C): contiguous per-tap channel vectors
+    # two activation-sized buffers in all: SiLU'(p) = s + p s (1 - s) is built in place in
+    # `pre`, and the input gradient is then written into the buffer of `s`
+    pre = _pre_activation(x, cache, w)
+    s = torch.sigmoid(pre)
+    dpre = pre.mul_(s)
+    dpre.addcmul_(dpre, s, value=-1).add_(s).mul_(dy)
+    dx = torch.mul(dpre, taps[K - 1], out=s)
+    dcache = torch.zeros_like(cache)
+    dw = torch.empty_like(w)
+    dw[:, K - 1] = _channel_dot(dpre, x)
+    for i, s_, m in _shifts(K, T):
+        dw[:, i] = _channel_dot(dpre[:, :m], cache[:, K - 1 - s_:K - 1 - s_ + m])
+        if T > s_:
+            dx[:, :T - s_].addcmul_(dpre[:, s_:], taps[i])
+            dw[:, i] += _channel_dot(dpre[:, s_:], x[:, :T - s_])
+        dcache[:, K - 1 - s_:K - 1 - s_ + m].addcmul_(dpre[:, :m], taps[i])
+    return dx, dcache, dw
+
+
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cache, weight):
@@ -69,26 +92,73 @@ class _CausalConvSiLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, cache_in, weight = ctx.saved_tensors
-        T, K = x.shape[1], weight.shape[1]
-        cache, w = cache_in.to(x.dtype), weight.to(x.dtype)
-        taps = w.t().contiguous()  # (K, C): contiguous per-tap channel vectors
-        # two activation-sized buffers in all: SiLU'(p) = s + p s (1 - s) is built in place in
-        # `pre`, and the input gradient is then written into the buffer of `s`
-        pre = _pre_activation(x, cache, w)
-        s = torch.sigmoid(pre)
-        dpre = pre.mul_(s)
-        dpre.addcmul_(dpre, s, value=-1).add_(s).mul_(dy)
-        dx = torch.mul(dpre, taps[K - 1], out=s)
-        dcache = torch.zeros_like(cache)
-        dw = torch.empty_like(w)
-        dw[:, K - 1] = _channel_dot(dpre, x)
-        for i, s_, m in _shifts(K, T):
-            dw[:, i] = _channel_dot(dpre[:, :m], cache[:, K - 1 - s_:K - 1 - s_ + m])
-            if T > s_:
-                dx[:, :T - s_].addcmul_(dpre[:, s_:], taps[i])
-                dw[:, i] += _channel_dot(dpre[:, s_:], x[:, :T - s_])
-            dcache[:, K - 1 - s_:K - 1 - s_ + m].addcmul_(dpre[:, :m], taps[i])
+        dx, dcache, dw = _conv_silu_backward(x, cache_in.to(x.dtype), weight.to(x.dtype), dy)
         return dx, dcache.to(cache_in.dtype), dw.to(weight.dtype)
+
+
+# time steps per block of `_LinearConvSiLU`: its transient buffers are a block's, not a sequence's
+BLOCK = 512
+
+
+class _LinearConvSiLU(torch.autograd.Function):
+    """h = x @ proj^T, y = SiLU(causal conv(h)) and the cache after x (the last K-1 rows of
+    [cache || h]), in blocks of BLOCK time steps. Only x, proj, the cache and the conv weight are
+    kept: h, the widest activation of the layer, is never whole in memory, and the backward
+    recomputes it block by block (one GEMM) with the block's SiLU and conv gradients, so its
+    transients are a block's too. The conv reaches K-1 steps back: a block's first outputs take h
+    from the previous block (its last K-1 rows) or from the cache."""
+
+    @staticmethod
+    def forward(ctx, x, proj, cache, weight):
+        B, T, _ = x.shape
+        y = left = w = None
+        for t0 in range(0, T, BLOCK):
+            hb = F.linear(x[:, t0:t0 + BLOCK], proj)  # under autocast: the autocast dtype, like nn.Linear
+            if y is None:
+                y = hb.new_empty(B, T, hb.shape[-1])
+                left, w = cache.to(hb.dtype), weight.to(hb.dtype)
+            y[:, t0:t0 + BLOCK] = F.silu(_pre_activation(hb, left, w), inplace=True)
+            left = conv_tail(hb, left)  # the K-1 rows of h before the next block
+        ctx.save_for_backward(x, proj, cache, weight)
+        ctx.h_dtype = y.dtype
+        return y, left
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dtail):
+        x, proj, cache_in, weight = ctx.saved_tensors
+        dt = ctx.h_dtype
+        acc = torch.promote_types(dt, torch.float32)  # weight gradients summed over blocks
+        xd, pd, cache, w = x.to(dt), proj.to(dt), cache_in.to(dt), weight.to(dt)
+        T, K1 = x.shape[1], cache.shape[1]
+        dx = torch.empty_like(x)
+        dproj = torch.zeros(proj.shape, dtype=acc, device=proj.device)
+        dw = torch.zeros(w.shape, dtype=acc, device=w.device)
+        carry = dcache = None  # d of the K-1 rows of h before the block processed last
+        for t0 in reversed(range(0, T, BLOCK)):
+            t1 = min(t0 + BLOCK, T)
+            xb = xd[:, t0:t1]
+            hb = F.linear(xb, pd)
+            left = cache if t0 == 0 else F.linear(xd[:, t0 - K1:t0], pd)
+            dyb = torch.zeros_like(hb) if dy is None else dy[:, t0:t1].to(dt)
+            dhb, dleft, dwb = _conv_silu_backward(hb, left, w, dyb)
+            dw += dwb
+            if t1 == T and dtail is not None:  # the tail is the last K-1 rows of [left || hb]
+                n, dtail = t1 - t0, dtail.to(dt)
+                if n >= K1:
+                    dhb[:, n - K1:] += dtail
+                else:
+                    dhb += dtail[:, K1 - n:]
+                    dleft[:, n:] += dtail[:, :K1 - n]
+            if carry is not None:  # from the block after this one (every block but the last has >= K-1 rows)
+                dhb[:, -K1:] += carry
+            dx[:, t0:t1] = dhb @ pd
+            dproj += (dhb.flatten(0, -2).t() @ xb.flatten(0, -2)).to(acc)
+            if t0 == 0:
+                dcache = dleft
+            else:
+                carry = dleft
+        return dx, dproj.to(proj.dtype), dcache.to(cache_in.dtype), dw.to(weight.dtype)
 
 
 def check_sequence(owner: str, x: Tensor, dim: int, finite: bool = True) -> None:
@@ -111,20 +181,23 @@ def nonfinite_input_error(owner: str) -> FloatingPointError:
                               "(it came from the layers before this one)")
 
 
-def conv_qkv(h: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int):
-    """Projected inputs h (B, T, 3 dim) -> q, k, v (B, H, T, D) after causal conv + SiLU, with q and
-    k L2-normalised per head; and the conv cache after h (None without a conv)."""
-    h, new_cache = conv_silu(h, weight, cache)
+def conv_qkv(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int):
+    """Inputs x (B, T, dim) -> q, k, v (B, H, T, D): projected by proj (3 dim, dim), causal conv +
+    SiLU, q and k L2-normalised per head; and the conv cache after x (None without a conv)."""
+    h, new_cache = conv_silu(x, proj, weight, cache)
     B, T, _ = h.shape
     q, k, v = h.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
 
 
-def conv_silu(h: Tensor, weight: Tensor | None, cache: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """SiLU(causal depthwise conv(h)) for h (B, T, C) with the cache of the K-1 inputs before h
-    (zeros when None); returns the activations and the cache after h (None without a conv)."""
+def conv_silu(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None
+              ) -> tuple[Tensor, Tensor | None]:
+    """SiLU(causal depthwise conv(x @ proj^T)) for x (B, T, dim), proj (C, dim), weight (C, K), with
+    the cache of the K-1 projected inputs before x (zeros when None); returns the activations and
+    the cache after x (None without a conv). Computed in blocks of time, the projection never whole
+    and recomputed in the backward pass rather than kept (`_LinearConvSiLU`)."""
     if weight is None:
-        return F.silu(h), None
+        return F.silu(F.linear(x, proj)), None
     if cache is None:
-        cache = h.new_zeros(h.shape[0], weight.shape[1] - 1, h.shape[2])
-    return causal_conv_silu(h, cache, weight), conv_tail(h, cache)
+        cache = x.new_zeros(x.shape[0], weight.shape[1] - 1, proj.shape[0])
+    return _LinearConvSiLU.apply(x, proj, cache, weight)

@@ -128,7 +128,7 @@ class NeuralMemory(nn.Module):
 
     def _qkv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k); returns the new conv cache."""
-        return conv_qkv(self.qkv(x), self.conv, cache, self.heads)
+        return conv_qkv(x, self.qkv.weight, self.conv, cache, self.heads)
 
     def _gates(self, x: Tensor, state: NeuralMemoryState | None):
         """alpha, eta, theta: (B, H, T) or (B, H, T, L); and the chunk-gate carry for the state."""
@@ -224,7 +224,7 @@ class NeuralMemory(nn.Module):
         if conv_cache is not None and conv_cache.shape[-1] == 3 * self.dim:
             conv_cache = conv_cache[..., :self.dim]
         w_q, conv = self.read_projection()
-        h, new_cache = conv_silu(F.linear(x, w_q), conv, conv_cache)
+        h, new_cache = conv_silu(x, w_q, conv, conv_cache)
         q = F.normalize(rearrange(h, "b t (h d) -> b h t d", h=self.heads), dim=-1)
         return q, F.silu(self.gate_proj(x)), new_cache
 
