@@ -46,8 +46,12 @@ def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, 
 
 
 def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, grad_clip, read,
-               forget_to: str = "zero") -> tuple[Tensor | None, MemoryState]:
+               forget_to: str = "zero", normalize_qk: bool = False) -> tuple[Tensor | None, MemoryState]:
     """memory_chunked, optionally without the read (write only: y is None).
+
+    normalize_qk=True takes q and k before their L2 normalisation and normalises them inside, chunk
+    by chunk (the layer's path): the memory then keeps only its chunk-layout copies of q, k and v
+    for the backward pass, not also the tensor they were cut from.
 
     forget_to="init" runs the same chunk machinery on the offset U = W - W_0, which forgets towards
     zero exactly as W does under the paper's rule; the memory and its gradient base are W_0 + U."""
@@ -71,7 +75,7 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
         if W0:
             W = tuple(w - w0 for w, w0 in zip(W, W0))  # the offset U
         WS = tuple(torch.cat([w, s], dim=-2) for w, s in zip(W, S))
-        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), q_c, k_c, v_c, a_c, e_c, t_c,
+        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), normalize_qk, q_c, k_c, v_c, a_c, e_c, t_c,
                                   valid.view(N, 1, 1, 1, b), gamma, beta, *G, *WS, *W0)
         y_c, WS_T, G_T = out[0], out[1:1 + L], out[1 + L:]
         W_T = _w_part(WS_T)
@@ -166,6 +170,23 @@ def _cumprod_grad(c: Tensor, D: Tensor, dc: Tensor) -> Tensor:
     """d x_r for c = cumprod(x), given D = _decay_matrix(x): c[r-1] sum_{t >= r} dc_t D[t, r]."""
     c_before = F.pad(c[..., :-1], (1, 0), value=1.0)
     return c_before * (D.transpose(-1, -2) @ dc.unsqueeze(-1)).squeeze(-1)
+
+
+L2_EPS = 1e-12  # F.normalize's default
+
+
+def _l2_normalize(x: Tensor) -> Tensor:
+    """x / max(|x|, eps) over the last dimension, as F.normalize."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(L2_EPS)
+
+
+def _l2_normalize_backward(x: Tensor, dy: Tensor) -> Tensor:
+    """The gradient at x of `_l2_normalize`, given dy: (dy - y (y . dy)) / |x| where |x| > eps, and
+    dy / eps where the norm was clamped (a zero vector: padding)."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    y = x / n.clamp_min(L2_EPS)
+    proj = torch.where(n > L2_EPS, (y * dy).sum(-1, keepdim=True), 0.0)
+    return (dy - y * proj) / n.clamp_min(L2_EPS)
 
 
 def _bmm_sub(base: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -450,7 +471,8 @@ class _MemoryChunks(torch.autograd.Function):
     so on CUDA a stretch can run as one captured graph (`graph_chunks`)."""
 
     @staticmethod
-    def forward(ctx, L, clip, read, anchored, q, k, v, alpha, eta, theta, valid, gamma, beta, *states):
+    def forward(ctx, L, clip, read, anchored, norm_qk, q, k, v, alpha, eta, theta, valid, gamma, beta,
+                *states):
         # detached: the chunk step sees the same requires_grad on every call (a compiled step
         # would otherwise recompile between the first chunk and the rest)
         q, k, v, alpha, eta, theta, valid, *states = (t.detach() for t in (q, k, v, alpha, eta, theta, valid,
@@ -472,14 +494,14 @@ class _MemoryChunks(torch.autograd.Function):
                     buf[n0 // K].copy_(ws)
             chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
             args = (G, WS, *chunk, gamma, beta, W0)
-            y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read), args,
+            y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read, norm_qk), args,
                                            y[n0:n1] if read else None)
             if y_n is not None:  # a graph's output: copied into place
                 y[n0:n1] = y_n
             G = _base(WS, W0)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
-        ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0 = L, clip, read, saved, W0
+        ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0, ctx.norm_qk = L, clip, read, saved, W0, norm_qk
         ctx.G0 = G0
         # the gates, not the b x b coefficients: those are recomputed per stretch in the backward
         ctx.save_for_backward(q, k, v, alpha, eta, theta, valid, gamma, beta)
@@ -511,7 +533,8 @@ class _MemoryChunks(torch.autograd.Function):
             chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
             args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
             d_chunk = [d[n0:n1] for d in d_inputs]
-            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, (L, clip, read, n0 == 0), args, d_chunk)
+            static = (L, clip, read, ctx.norm_qk, n0 == 0)
+            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, static, args, d_chunk)
             if d_n is not None:  # a graph's outputs: copied into place
                 for acc, g in zip(d_chunk, d_n):
                     acc.copy_(g)
@@ -520,17 +543,20 @@ class _MemoryChunks(torch.autograd.Function):
                 d_beta = db if d_beta is None else d_beta + db
             dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
         dG0, dWS = dWS[:L], dWS[L:]  # the first stretch hands out d(first base) and d(start [W; S])
-        d_inputs = [d if want else None for d, want in zip(d_inputs, ctx.needs_input_grad[4:10])]
-        return (None, None, None, None, *d_inputs, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
+        d_inputs = [d if want else None for d, want in zip(d_inputs, ctx.needs_input_grad[5:11])]
+        return (None, None, None, None, None, *d_inputs, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
 
 
-def _forward_stretch(L, clip, read, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0, y=None):
+def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0,
+                     y=None):
     """Chunks n0 .. n1-1 from base G and state WS at n0 (chunk tensors and gates sliced to the
-    stretch). Writes y into `y` when given, else returns it; returns (y or None, WS at n1, the last
-    chunk's base)."""
+    stretch; q and k L2-normalised here when norm_qk). Writes y into `y` when given, else returns it;
+    returns (y or None, WS at n1, the last chunk's base)."""
     out = y is None and read
     if out:
         y = torch.empty_like(q)
+    if norm_qk:
+        q, k = _l2_normalize(q), _l2_normalize(k)
     a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
     G_last = G
     for n in range(q.shape[0]):
@@ -543,8 +569,8 @@ def _forward_stretch(L, clip, read, G, WS, q, k, v, alpha, eta, theta, valid, ga
     return (y if out else None), tuple(WS), tuple(G_last)
 
 
-def _backward_stretch(L, clip, read, first, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0, dy,
-                      dWS, dG_last, d_chunk=None):
+def _backward_stretch(L, clip, read, norm_qk, first, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta,
+                      W0, dy, dWS, dG_last, d_chunk=None):
     """The backward of chunks n0 .. n1-1 (a checkpoint stretch): recompute their coefficients from
     the gates and their start states from base G and state WS at n0, then walk back from dWS (the
     gradient of the state at n1; dG_last: the gradient of the last chunk's base when it is the
@@ -556,6 +582,9 @@ def _backward_stretch(L, clip, read, first, G, WS, q, k, v, alpha, eta, theta, v
     out = d_chunk is None
     if out:
         d_chunk = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
+    q_in, k_in = q, k
+    if norm_qk:
+        q, k = _l2_normalize(q), _l2_normalize(k)
     coef = chunk_coefficients(alpha, eta, theta, valid)
     a, m, C, cS, e = coef
     d_coef = [torch.empty_like(c) for c in coef]
@@ -587,6 +616,9 @@ def _backward_stretch(L, clip, read, first, G, WS, q, k, v, alpha, eta, theta, v
             dWS = [*dG, *dWS]
     for acc, g in zip(d_chunk[3:], chunk_coefficients_backward(alpha, eta, theta, valid, *d_coef)):
         acc.copy_(g)
+    if norm_qk:  # d of the normalised q, k -> d of q, k as given
+        for acc, x in zip(d_chunk[:2], (q_in, k_in)):
+            acc.copy_(_l2_normalize_backward(x, acc))
     return (d_chunk if out else None), d_gamma, d_beta, tuple(dWS), tuple(dW0)
 
 

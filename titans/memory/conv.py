@@ -181,13 +181,17 @@ def nonfinite_input_error(owner: str) -> FloatingPointError:
                               "(it came from the layers before this one)")
 
 
-def conv_qkv(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int):
+def conv_qkv(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int,
+             normalize: bool = True):
     """Inputs x (B, T, dim) -> q, k, v (B, H, T, D): projected by proj (3 dim, dim), causal conv +
-    SiLU, q and k L2-normalised per head; and the conv cache after x (None without a conv)."""
+    SiLU, q and k L2-normalised per head (unless normalize=False: the caller does it); and the conv
+    cache after x (None without a conv)."""
     h, new_cache = conv_silu(x, proj, weight, cache)
     B, T, _ = h.shape
     q, k, v = h.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    return q, k, v, new_cache
 
 
 def conv_silu(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None

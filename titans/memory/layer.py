@@ -168,11 +168,14 @@ class NeuralMemory(nn.Module):
     def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool):
         self._check(x, state, finite=False)
         x_finite = torch.isfinite(x).all()  # read on the host below, with the weights' check
-        q, k, v, conv = self._qkv(x, None if state is None else state.conv)
+        # q and k before their L2 norm: the memory normalises them chunk by chunk, so that it keeps
+        # only its own copies of q, k, v for the backward pass (not also the conv's output)
+        q, k, v, conv = conv_qkv(x, self.qkv.weight, self.conv, None if state is None else state.conv,
+                                 self.heads, normalize=False)
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
-                            grad_clip=self.grad_clip, read=read, forget_to=self.forget_to)
+                            grad_clip=self.grad_clip, read=read, forget_to=self.forget_to, normalize_qk=True)
         # one host synchronisation for both checks (MAC calls this once per segment)
         x_ok, *w_ok = torch.stack([x_finite, *(torch.isfinite(w).all() for w in mem.weights)]).tolist()
         if not x_ok:
