@@ -356,10 +356,12 @@ def _layer_reference(mem: NeuralMemory, x):
 @pytest.mark.parametrize("option", ["default", "no_conv", "per_layer_gates_depth3", "forget_to_init"])
 def test_layer_matches_plain_ops_and_the_token_loop(option, monkeypatch):
     """The whole layer, output and every parameter's gradient, against `_layer_reference` in float64
-    (T = 11: chunks and conv blocks end mid-sequence; the fused projection + conv runs in blocks of 4)."""
+    (T = 11: chunks and blocks end mid-sequence; the projection + conv and the gated output run in
+    blocks of 4)."""
     from titans.memory import conv
 
     monkeypatch.setattr(conv, "BLOCK", 4)
+    monkeypatch.setattr(layer_mod, "OUT_BLOCK", 4)
     mem = make_layer(**LAYER_OPTIONS[option])
     x = randn(2, 11, mem.dim, seed=5)
     out, _ = mem(x)

@@ -161,9 +161,8 @@ class NeuralMemory(nn.Module):
         return table[:, idx], carry
 
     def _gated_output(self, y: Tensor, gate: Tensor) -> Tensor:
-        """out_proj(RMSNorm(y) * gate), gate = silu(gate_proj(x)) (B, T, dim)."""
-        y = rearrange(self.out_norm(y.to(gate.dtype)), "b h t d -> b t (h d)")
-        return self.out_proj(y * gate)
+        """out_proj(RMSNorm(y) * silu(gate)), gate = gate_proj(x) (B, T, dim): `_GatedOutput`."""
+        return _GatedOutput.apply(y, gate, self.out_norm.weight, self.out_proj.weight, self.out_norm.eps)
 
     def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool):
         self._check(x, state, finite=False)
@@ -192,7 +191,7 @@ class NeuralMemory(nn.Module):
                 ) -> tuple[Tensor, NeuralMemoryState]:
         """Write every token and read after each write. x: (B, T, dim) -> out (B, T, dim), state."""
         y, new_state = self._memory(x, state, read=True)
-        return self._gated_output(y, F.silu(self.gate_proj(x))), new_state
+        return self._gated_output(y, self.gate_proj(x)), new_state
 
     def update(self, x: Tensor, state: NeuralMemoryState | None = None) -> NeuralMemoryState:
         """Write only: the state after storing x (B, T, dim)."""
@@ -221,7 +220,7 @@ class NeuralMemory(nn.Module):
     def read_inputs(self, x: Tensor, conv_cache: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The half of `read` that depends on x only: the L2-normalised queries (B, H, T, D), the
-        output gate silu(gate_proj(x)) (B, T, dim) and the q-channel conv cache after x. A caller
+        output gate's logits gate_proj(x) (B, T, dim) and the q-channel conv cache after x. A caller
         that reads consecutive pieces of x with different weights (MAC's segments) computes these
         once for the whole x, as a few large matmuls, and passes slices to `read_with`."""
         if conv_cache is not None and conv_cache.shape[-1] == 3 * self.dim:
@@ -229,7 +228,7 @@ class NeuralMemory(nn.Module):
         w_q, conv = self.read_projection()
         h, new_cache = conv_silu(x, w_q, conv, conv_cache)
         q = F.normalize(rearrange(h, "b t (h d) -> b h t d", h=self.heads), dim=-1)
-        return q, F.silu(self.gate_proj(x)), new_cache
+        return q, self.gate_proj(x), new_cache
 
     def read_with(self, q: Tensor, gate: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """M_weights(q) through the output norm, gate and projection: `read` given `read_inputs`."""
@@ -251,3 +250,63 @@ class NeuralMemory(nn.Module):
                 f"per_layer_gates={self.per_layer_gates}, chunk_gates={self.chunk_gates}, "
                 f"forget_to={self.forget_to!r}")
 
+
+# time steps per block of `_GatedOutput`: its transient buffers are a block's, not a sequence's
+OUT_BLOCK = 512
+
+
+class _GatedOutput(torch.autograd.Function):
+    """out = (RMSNorm(y) * silu(g)) @ w_out^T for the memory's read y (B, H, T, D) and the gate's
+    logits g (B, T, dim), keeping only y and g: the normalised read, the gate and their product
+    (what autograd would keep, three more activation-sized tensors) are recomputed in the backward,
+    which runs first in a layer's backward pass, while everything else is still kept. Both passes
+    go by blocks of OUT_BLOCK time steps, so their transients are a block's. The norm and the gate
+    run in float32 (y is float32); the product is cast to g's dtype (the autocast dtype under
+    autocast) for the projection, as nn.Linear would."""
+
+    @staticmethod
+    def forward(ctx, y, g, w_norm, w_out, eps):
+        out = None
+        for t0 in range(0, y.shape[2], OUT_BLOCK):
+            z, _, _ = _GatedOutput._product(y[:, :, t0:t0 + OUT_BLOCK], g[:, t0:t0 + OUT_BLOCK], w_norm, eps)
+            o = F.linear(z.to(g.dtype), w_out.to(g.dtype))
+            if out is None:
+                out = o.new_empty(*g.shape[:2], o.shape[-1])
+            out[:, t0:t0 + OUT_BLOCK] = o
+        ctx.save_for_backward(y, g, w_norm, w_out)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def _product(y, g, w_norm, eps):
+        """RMSNorm(y) * silu(g) in (B, T, dim) and the pieces its gradient needs."""
+        acc = torch.promote_types(y.dtype, torch.float32)
+        y = y.to(acc)
+        rstd = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+        normed = rearrange(y * rstd * w_norm.to(acc), "b h t d -> b t (h d)")
+        return normed * F.silu(g.to(acc)), normed, rstd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        y, g, w_norm, w_out = ctx.saved_tensors
+        H, dt = y.shape[1], g.dtype
+        acc = torch.promote_types(y.dtype, torch.float32)
+        dy, dg = torch.empty_like(y), torch.empty_like(g)
+        dw_out = torch.zeros(w_out.shape, dtype=acc, device=w_out.device)
+        dw_norm = torch.zeros(w_norm.shape, dtype=acc, device=w_norm.device)
+        wn, wo = w_norm.to(acc), w_out.to(dt)
+        for t0 in range(0, y.shape[2], OUT_BLOCK):
+            blk = slice(t0, t0 + OUT_BLOCK)
+            yb, gb, db = y[:, :, blk].to(acc), g[:, blk].to(acc), dout[:, blk]
+            z, normed, rstd = _GatedOutput._product(yb, gb, wn, ctx.eps)
+            dw_out += (db.flatten(0, -2).t() @ z.to(dt).flatten(0, -2)).to(acc)
+            dz = (db @ wo).to(acc)
+            sig = torch.sigmoid(gb)
+            dg[:, blk] = dz * normed * sig * (1 + gb * (1 - sig))  # silu'(g) = s (1 + g (1 - s))
+            dnormed = rearrange(dz.mul_(gb * sig), "b t (h d) -> b h t d", h=H)
+            yhat = yb * rstd
+            dw_norm += (dnormed * yhat).sum((0, 1, 2))
+            dyhat = dnormed.mul_(wn)
+            dy[:, :, blk] = rstd * (dyhat - yhat * (dyhat * yhat).mean(-1, keepdim=True))
+        return dy, dg, dw_norm.to(w_norm.dtype), dw_out.to(w_out.dtype), None
