@@ -2,13 +2,10 @@
 the tensors autograd saves in the forward pass, and the process RSS at the start, after the
 forward, around the chunk step's backward, and the peak.
 
-    python benchmarks/memory_breakdown.py --T 4096
-    python benchmarks/memory_breakdown.py --T 4096 --recompute projections
+    OMP_NUM_THREADS=1 python benchmarks/memory_breakdown.py --T 4096
 
---recompute wraps pieces in torch.utils.checkpoint (saved inputs only, recomputed in backward), to
-show what saving less in the forward buys: `projections` (NeuralMemory's q/k/v projection, conv and
-L2 norm). The chunk coefficients (the b x b decay matrices) are no longer saved at all: the chunk
-Function keeps the gates and recomputes them per checkpoint stretch.
+(An earlier --recompute option wrapped the chunk coefficients and the projections in
+torch.utils.checkpoint; both are now recomputed by the layer's own Functions, see the results file.)
 """
 
 from __future__ import annotations
@@ -27,21 +24,12 @@ def main() -> None:
     import memory_speed as ms
     import psutil
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     import titans.memory.chunked as chunked
-    import titans.memory.layer as layer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--recompute", default="", help="comma-separated: projections")
     args = p.parse_args()
-    recompute = {r for r in args.recompute.split(",") if r}
-    if recompute - {"projections"}:
-        p.error(f"--recompute takes projections, got {args.recompute!r}")
-    if "projections" in recompute:
-        qkv = layer.NeuralMemory._qkv
-        layer.NeuralMemory._qkv = lambda self, x, cache: checkpoint(qkv, self, x, cache, use_reentrant=False)
 
     proc, marks = psutil.Process(), {}
 
@@ -77,7 +65,7 @@ def main() -> None:
     by_shape = collections.Counter()
     for nbytes, shape in saved.values():
         by_shape[str(shape)] += nbytes
-    result = {"T": args.T, "recompute": sorted(recompute), "threads": torch.get_num_threads(),
+    result = {"T": args.T, "threads": torch.get_num_threads(),
               "saved_mb": round(sum(n for n, _ in saved.values()) / 1e6),
               "saved_by_shape_mb": {k: round(v / 1e6, 1) for k, v in by_shape.most_common(8)},
               "rss_mb": marks, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3),
