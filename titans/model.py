@@ -148,8 +148,32 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.up(x).chunk(2, dim=-1)
-        return self.down(F.silu(a) * b)
+        """down(silu(a) * b) for [a, b] = up(x)."""
+        return _SwiGLUDown.apply(self.up(x), self.down.weight)
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down(silu(a) * b) from ab = [a, b], keeping only ab: silu(a) and the product, which autograd
+    would keep as well (half again the hidden activations), are recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, ab, w_down):
+        a, b = ab.chunk(2, dim=-1)
+        ctx.save_for_backward(ab, w_down)
+        return F.linear(F.silu(a) * b, w_down.to(ab.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        ab, w_down = ctx.saved_tensors
+        a, b = ab.chunk(2, dim=-1)
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        dout = dout.to(ab.dtype)
+        dw = (dout.flatten(0, -2).t() @ (silu * b).flatten(0, -2)).to(w_down.dtype)
+        dp = dout @ w_down.to(ab.dtype)
+        dab = torch.cat([dp * b * (sig + silu * (1 - sig)), dp * silu], dim=-1)  # silu' = s + silu (1 - s)
+        return dab, dw
 
 
 def build_mixer(cfg: TitansConfig) -> nn.Module:
