@@ -375,3 +375,28 @@ def test_layer_matches_plain_ops_and_the_token_loop(option, monkeypatch):
         assert (g is None) == (r is None), name
         if g is not None:
             assert_rel_close(g, r, 1e-9, f"{option}: gradient of {name}")
+
+
+@pytest.mark.parametrize("depth, batched", [(2, False), (2, True), (3, True), (1, True)])
+def test_memory_read_matches_memory_apply(depth, batched):
+    """memory_read (keeps only its inputs, recomputes the MLP in the backward) == memory_apply by
+    plain autograd, value and gradients of x, the weights and (gamma, beta), in float64; weights
+    shared over the batch (H, ., .) or per batch element (B, H, ., .)."""
+    from titans.memory import memory_apply
+    from titans.memory.chunked import memory_read
+
+    g = torch.Generator().manual_seed(7)
+    B, H, N, D, E = 2, 3, 5, 4, 6
+    dims = [D] + [E] * (depth - 1) + [D]
+    lead = (B, H) if batched else (H,)
+    W = [torch.randn(*lead, dims[i], dims[i + 1], dtype=torch.float64, generator=g, requires_grad=True)
+         for i in range(depth)]
+    ln = None if depth == 1 else tuple(torch.randn(H, D, dtype=torch.float64, generator=g, requires_grad=True)
+                                       for _ in range(2))
+    x = torch.randn(B, H, N, D, dtype=torch.float64, generator=g, requires_grad=True)
+    y, ref = memory_read(x, tuple(W), ln), memory_apply(x, tuple(W), ln)
+    assert_rel_close(y, ref, 1e-12, "value")
+    inputs = [x, *W, *(ln or ())]
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy))):
+        assert_rel_close(a, b, 1e-12, f"gradient of input {i}")

@@ -26,6 +26,7 @@ from .functional import (
     check_inputs,
     gelu_grad,
     layer_norm,
+    memory_apply,
     no_autocast,
     start_state,
 )
@@ -413,6 +414,54 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
         dxs[i] += dz @ G[i].transpose(-1, -2)
     dk += dxs[0]
     return dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, tuple(dW0)
+
+
+def memory_read(x: Tensor, weights: Weights, ln: tuple[Tensor, Tensor] | None) -> Tensor:
+    """`memory_apply` (M_W(x) per head) for reads whose gradient is taken once: for L >= 2 it keeps
+    only x, the weights and (gamma, beta) for the backward, where autograd would also keep every
+    layer's activations (2 x expansion x D per token and head), and recomputes them there. Not
+    twice differentiable: the token-loop reference, which differentiates its inner gradient, uses
+    `memory_apply` itself."""
+    if len(weights) == 1:
+        return x @ weights[0]
+    return _MemoryRead.apply(x, *ln, *weights)
+
+
+class _MemoryRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, *weights):
+        ctx.save_for_backward(x, gamma, beta, *weights)
+        return memory_apply(x, weights, (gamma, beta))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, gamma, beta, *W = ctx.saved_tensors
+        L = len(W)
+        hs, zs, h = [], [], x  # layer inputs and pre-activations
+        for i, w in enumerate(W):
+            hs.append(h)
+            z = h @ w
+            zs.append(z)
+            h = F.gelu(z) if i < L - 1 else z
+        n, r = layer_norm(h)  # y = x + gamma LN(h) + beta
+        batch_dims = tuple(range(dy.dim() - 3)) + (dy.dim() - 2,)  # all but heads and features
+        dgamma, dbeta = (dy * n).sum(batch_dims), dy.sum(batch_dims)
+        dz = _layer_norm_backward(n, r, dy * gamma.unsqueeze(-2))
+        dx, dW = dy.clone(), [None] * L
+        for i in range(L - 1, -1, -1):
+            dW[i] = _sum_to(hs[i].transpose(-1, -2) @ dz, W[i].shape)
+            dh = dz @ W[i].transpose(-1, -2)
+            if i > 0:
+                dz = dh * gelu_grad(zs[i - 1])
+            else:
+                dx += dh
+        return dx, dgamma, dbeta, *dW
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """t summed over the leading dimensions it has beyond `shape` (a weight broadcast over a batch)."""
+    return t.sum(tuple(range(t.dim() - len(shape)))) if t.dim() > len(shape) else t
 
 
 def _part_dots(x: Tensor, y: Tensor) -> Tensor:

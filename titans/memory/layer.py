@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .chunked import run_memory
+from .chunked import memory_read, run_memory
 from .conv import check_sequence, conv_qkv, conv_silu, nonfinite_input_error
-from .functional import MemoryState, memory_apply, no_autocast
+from .functional import MemoryState, no_autocast
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
 ALPHA_BIAS = -5.0  # sigmoid -> 0.0067
@@ -241,7 +241,7 @@ class NeuralMemory(nn.Module):
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cast = lambda ts: None if ts is None else tuple(t.to(dtype) for t in ts)  # noqa: E731
         with no_autocast(q.device.type):
-            y = memory_apply(q.to(dtype), cast(weights), cast(self.ln))
+            y = memory_read(q.to(dtype), cast(weights), cast(self.ln))
         return self._gated_output(y, gate)
 
     def extra_repr(self) -> str:
