@@ -302,3 +302,23 @@ def test_swiglu_matches_plain_autograd():
     inputs = (x, mlp.up.weight, mlp.down.weight)
     for g, r in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_gate_matches_plain_autograd():
+    """MAG's and MAC's output gate (keeps only y and m) == RMSNorm(y) * sigmoid(RMSNorm(m)) by plain
+    autograd, value and gradients of y, m and both norm weights, in float64."""
+    from titans.blocks.mixers import Gate
+
+    torch.manual_seed(0)
+    gate = Gate(6).double()
+    with torch.no_grad():
+        gate.norm_y.weight.normal_()
+        gate.norm_m.weight.normal_()
+    y, m = (torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = gate(y, m)
+    ref = gate.norm_y(y) * torch.sigmoid(gate.norm_m(m))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dout = torch.randn_like(out)
+    inputs = (y, m, gate.norm_y.weight, gate.norm_m.weight)
+    for g, r in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)

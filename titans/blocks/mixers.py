@@ -34,7 +34,50 @@ class Gate(nn.Module):
         self.norm_m = nn.RMSNorm(dim, eps=1e-6)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        if y.shape != m.shape:
+            raise ValueError(f"Gate: y and m must have the same shape, got {tuple(y.shape)} and "
+                             f"{tuple(m.shape)}")
+        return _GateFn.apply(y, m, self.norm_y.weight, self.norm_m.weight, self.norm_y.eps, self.norm_m.eps)
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class _GateFn(torch.autograd.Function):
+    """RMSNorm_a(y) * sigmoid(RMSNorm_b(m)) keeping only y and m: the two norms, the sigmoid and the
+    product (four more activation-sized tensors under autograd) are recomputed in the backward.
+    Computed in float32 at least, like nn.RMSNorm with a float32 weight."""
+
+    @staticmethod
+    def forward(ctx, y, m, wy, wm, eps_y, eps_m):
+        acc = torch.promote_types(y.dtype, m.dtype)
+        acc = torch.promote_types(acc, torch.promote_types(wy.dtype, torch.float32))
+        yf, mf = y.to(acc), m.to(acc)
+        ctx.save_for_backward(y, m, wy, wm)
+        ctx.eps = (eps_y, eps_m)
+        return yf * _rms(yf, eps_y) * wy.to(acc) * torch.sigmoid(mf * _rms(mf, eps_m) * wm.to(acc))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        y, m, wy, wm = ctx.saved_tensors
+        eps_y, eps_m = ctx.eps
+        acc = do.dtype
+        yf, mf, wyf, wmf = y.to(acc), m.to(acc), wy.to(acc), wm.to(acc)
+        ry, rm = _rms(yf, eps_y), _rms(mf, eps_m)
+        ny, nm = yf * ry, mf * rm
+        s = torch.sigmoid(nm * wmf)
+        lead = tuple(range(do.dim() - 1))
+        da = do * s  # o = a * s, a = ny wy, s = sigmoid(nm wm)
+        dwy = (da * ny).sum(lead)
+        dny = da.mul_(wyf)
+        dy = ry * (dny - ny * (dny * ny).mean(-1, keepdim=True))
+        db = do * (ny * wyf) * s * (1 - s)
+        dwm = (db * nm).sum(lead)
+        dnm = db.mul_(wmf)
+        dm = rm * (dnm - nm * (dnm * nm).mean(-1, keepdim=True))
+        return dy.to(y.dtype), dm.to(m.dtype), dwy.to(wy.dtype), dwm.to(wm.dtype), None, None
 
 
 class LMM(nn.Module):
