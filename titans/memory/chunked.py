@@ -80,8 +80,9 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
                                   valid.view(N, 1, 1, 1, b), gamma, beta, *G, *WS, *W0)
         y_c, WS_T, G_T = out[0], out[1:1 + L], out[1 + L:]
         W_T = _w_part(WS_T)
-        if W0:
-            W_T = tuple(w0 + u for w0, u in zip(W0, W_T))
+        # W apart from S: a later read that keeps W for its backward (MAC's next segment) would
+        # otherwise keep the whole [W; S] buffer alive
+        W_T = tuple(w0 + u for w0, u in zip(W0, W_T)) if W0 else tuple(w.contiguous() for w in W_T)
         S_T = tuple(ws[:, :, ws.shape[2] // 2:] for ws in WS_T)
         y = None
         if read:
