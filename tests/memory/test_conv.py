@@ -46,13 +46,14 @@ def test_streaming_cache_short_and_long_pieces():
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("T, block", [(2, 512), (9, 512), (9, 4), (9, 3), (10, 3)])
+@pytest.mark.parametrize("T, block", [(2, 512), (9, 512), (9, 4), (9, 3), (10, 3), (9, 2)])
 def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch):
     """conv_silu(x, proj, ...) works in blocks of time and recomputes the projection x @ proj^T in
     its backward instead of saving it: values, the cache after x, and gradients of x, proj, cache
     and conv weight -- through the output and through the returned cache -- equal plain autograd of
     linear + conv1d + SiLU. Cases: a piece shorter than the cache (its tail mixes cache and h), one
-    block, and several blocks, the last one shorter than the cache (9 in blocks of 4) or of one row."""
+    block, and several blocks, the last one shorter than the cache (9 in blocks of 4) or of one row,
+    and a block size below the conv's reach (2 < K-1 = 3: blocks of K-1 are used)."""
     from titans.memory import conv
     from titans.memory.conv import conv_silu
 

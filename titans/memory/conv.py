@@ -111,13 +111,14 @@ class _LinearConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, proj, cache, weight):
         B, T, _ = x.shape
+        step = max(BLOCK, cache.shape[1])  # a block reaches back into one block at most
         y = left = w = None
-        for t0 in range(0, T, BLOCK):
-            hb = F.linear(x[:, t0:t0 + BLOCK], proj)  # under autocast: the autocast dtype, like nn.Linear
+        for t0 in range(0, T, step):
+            hb = F.linear(x[:, t0:t0 + step], proj)  # under autocast: the autocast dtype, like nn.Linear
             if y is None:
                 y = hb.new_empty(B, T, hb.shape[-1])
                 left, w = cache.to(hb.dtype), weight.to(hb.dtype)
-            y[:, t0:t0 + BLOCK] = F.silu(_pre_activation(hb, left, w), inplace=True)
+            y[:, t0:t0 + step] = F.silu(_pre_activation(hb, left, w), inplace=True)
             left = conv_tail(hb, left)  # the K-1 rows of h before the next block
         ctx.save_for_backward(x, proj, cache, weight)
         ctx.h_dtype = y.dtype
@@ -131,12 +132,13 @@ class _LinearConvSiLU(torch.autograd.Function):
         acc = torch.promote_types(dt, torch.float32)  # weight gradients summed over blocks
         xd, pd, cache, w = x.to(dt), proj.to(dt), cache_in.to(dt), weight.to(dt)
         T, K1 = x.shape[1], cache.shape[1]
+        step = max(BLOCK, K1)  # as in the forward
         dx = torch.empty_like(x)
         dproj = torch.zeros(proj.shape, dtype=acc, device=proj.device)
         dw = torch.zeros(w.shape, dtype=acc, device=w.device)
         carry = dcache = None  # d of the K-1 rows of h before the block processed last
-        for t0 in reversed(range(0, T, BLOCK)):
-            t1 = min(t0 + BLOCK, T)
+        for t0 in reversed(range(0, T, step)):
+            t1 = min(t0 + step, T)
             xb = xd[:, t0:t1]
             hb = F.linear(xb, pd)
             left = cache if t0 == 0 else F.linear(xd[:, t0 - K1:t0], pd)
