@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..attention import Attention
 from ..memory import NeuralMemory
 from ..memory.conv import check_sequence
+from ..memory.functional import rms_norm_backward, rms_scale
 from ..memory.layer import NeuralMemoryState
 
 
@@ -40,10 +41,6 @@ class Gate(nn.Module):
         return _GateFn.apply(y, m, self.norm_y.weight, self.norm_m.weight, self.norm_y.eps, self.norm_m.eps)
 
 
-def _rms(x: Tensor, eps: float) -> Tensor:
-    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 class _GateFn(torch.autograd.Function):
     """RMSNorm_a(y) * sigmoid(RMSNorm_b(m)) keeping only y and m: the two norms, the sigmoid and the
     product (four more activation-sized tensors under autograd) are recomputed in the backward.
@@ -56,7 +53,7 @@ class _GateFn(torch.autograd.Function):
         yf, mf = y.to(acc), m.to(acc)
         ctx.save_for_backward(y, m, wy, wm)
         ctx.eps = (eps_y, eps_m)
-        return yf * _rms(yf, eps_y) * wy.to(acc) * torch.sigmoid(mf * _rms(mf, eps_m) * wm.to(acc))
+        return yf * rms_scale(yf, eps_y) * wy.to(acc) * torch.sigmoid(mf * rms_scale(mf, eps_m) * wm.to(acc))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -65,18 +62,18 @@ class _GateFn(torch.autograd.Function):
         eps_y, eps_m = ctx.eps
         acc = do.dtype
         yf, mf, wyf, wmf = y.to(acc), m.to(acc), wy.to(acc), wm.to(acc)
-        ry, rm = _rms(yf, eps_y), _rms(mf, eps_m)
+        ry, rm = rms_scale(yf, eps_y), rms_scale(mf, eps_m)
         ny, nm = yf * ry, mf * rm
         s = torch.sigmoid(nm * wmf)
         lead = tuple(range(do.dim() - 1))
         da = do * s  # o = a * s, a = ny wy, s = sigmoid(nm wm)
         dwy = (da * ny).sum(lead)
         dny = da.mul_(wyf)
-        dy = ry * (dny - ny * (dny * ny).mean(-1, keepdim=True))
+        dy = rms_norm_backward(ny, ry, dny)
         db = do * (ny * wyf) * s * (1 - s)
         dwm = (db * nm).sum(lead)
         dnm = db.mul_(wmf)
-        dm = rm * (dnm - nm * (dnm * nm).mean(-1, keepdim=True))
+        dm = rms_norm_backward(nm, rm, dnm)
         return dy.to(y.dtype), dm.to(m.dtype), dwy.to(wy.dtype), dwm.to(wm.dtype), None, None
 
 

@@ -177,14 +177,9 @@ def _cumprod_grad(c: Tensor, D: Tensor, dc: Tensor) -> Tensor:
 L2_EPS = 1e-12  # F.normalize's default
 
 
-def _l2_normalize(x: Tensor) -> Tensor:
-    """x / max(|x|, eps) over the last dimension, as F.normalize."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(L2_EPS)
-
-
 def _l2_normalize_backward(x: Tensor, dy: Tensor) -> Tensor:
-    """The gradient at x of `_l2_normalize`, given dy: (dy - y (y . dy)) / |x| where |x| > eps, and
-    dy / eps where the norm was clamped (a zero vector: padding)."""
+    """The gradient at x of F.normalize(x, dim=-1, eps=L2_EPS), given dy: (dy - y (y . dy)) / |x|
+    where |x| > eps, and dy / eps where the norm was clamped (a zero vector: padding)."""
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     y = x / n.clamp_min(L2_EPS)
     proj = torch.where(n > L2_EPS, (y * dy).sum(-1, keepdim=True), 0.0)
@@ -606,7 +601,7 @@ def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, 
     if out:
         y = torch.empty_like(q)
     if norm_qk:
-        q, k = _l2_normalize(q), _l2_normalize(k)
+        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
     G_last = G
     for n in range(q.shape[0]):
@@ -634,7 +629,7 @@ def _backward_stretch(L, clip, read, norm_qk, first, G, WS, q, k, v, alpha, eta,
         d_chunk = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
     q_in, k_in = q, k
     if norm_qk:
-        q, k = _l2_normalize(q), _l2_normalize(k)
+        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     coef = chunk_coefficients(alpha, eta, theta, valid)
     a, m, C, cS, e = coef
     d_coef = [torch.empty_like(c) for c in coef]

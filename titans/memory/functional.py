@@ -57,6 +57,16 @@ def layer_norm(z: Tensor) -> tuple[Tensor, Tensor]:
     return zc * rstd, rstd
 
 
+def rms_scale(x: Tensor, eps: float) -> Tensor:
+    """1 / RMS(x) over the last dim: x * rms_scale(x, eps) is RMSNorm(x) without its weight."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm_backward(n: Tensor, r: Tensor, dn: Tensor) -> Tensor:
+    """Gradient at x of n = x * r, r = rms_scale(x) (no weight), given dn."""
+    return r * (dn - n * (dn * n).mean(-1, keepdim=True))
+
+
 def gelu_grad(z: Tensor) -> Tensor:
     """d/dz of the exact (erf) GELU: Phi(z) + z * phi(z)."""
     cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))

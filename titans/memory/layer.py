@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .chunked import memory_read, run_memory
 from .conv import check_sequence, conv_qkv, conv_silu, nonfinite_input_error
-from .functional import MemoryState, no_autocast
+from .functional import MemoryState, no_autocast, rms_norm_backward, rms_scale
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
 ALPHA_BIAS = -5.0  # sigmoid -> 0.0067
@@ -126,9 +126,11 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"NeuralMemory: state is for batch size {state.memory.batch_size}, "
                                  f"x has batch size {x.shape[0]}")
 
-    def _qkv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k); returns the new conv cache."""
-        return conv_qkv(x, self.qkv.weight, self.conv, cache, self.heads)
+    def _qkv(self, x: Tensor, cache: Tensor | None, normalize: bool = True
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v: (B, H, T, D) after conv + SiLU (+ L2 norm for q, k unless normalize=False);
+        returns the new conv cache."""
+        return conv_qkv(x, self.qkv.weight, self.conv, cache, self.heads, normalize)
 
     def _gates(self, x: Tensor, state: NeuralMemoryState | None):
         """alpha, eta, theta: (B, H, T) or (B, H, T, L); and the chunk-gate carry for the state."""
@@ -169,8 +171,7 @@ class NeuralMemory(nn.Module):
         x_finite = torch.isfinite(x).all()  # read on the host below, with the weights' check
         # q and k before their L2 norm: the memory normalises them chunk by chunk, so that it keeps
         # only its own copies of q, k, v for the backward pass (not also the conv's output)
-        q, k, v, conv = conv_qkv(x, self.qkv.weight, self.conv, None if state is None else state.conv,
-                                 self.heads, normalize=False)
+        q, k, v, conv = self._qkv(x, None if state is None else state.conv, normalize=False)
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
@@ -282,7 +283,7 @@ class _GatedOutput(torch.autograd.Function):
         """RMSNorm(y) * silu(g) in (B, T, dim) and the pieces its gradient needs."""
         acc = torch.promote_types(y.dtype, torch.float32)
         y = y.to(acc)
-        rstd = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = rms_scale(y, eps)
         normed = rearrange(y * rstd * w_norm.to(acc), "b h t d -> b t (h d)")
         return normed * F.silu(g.to(acc)), normed, rstd
 
@@ -308,5 +309,5 @@ class _GatedOutput(torch.autograd.Function):
             yhat = yb * rstd
             dw_norm += (dnormed * yhat).sum((0, 1, 2))
             dyhat = dnormed.mul_(wn)
-            dy[:, :, blk] = rstd * (dyhat - yhat * (dyhat * yhat).mean(-1, keepdim=True))
+            dy[:, :, blk] = rms_norm_backward(yhat, rstd, dyhat)
         return dy, dg, dw_norm.to(w_norm.dtype), dw_out.to(w_out.dtype), None
