@@ -244,3 +244,41 @@ def test_chunk_coefficients_backward_matches_autograd(exact_zeros):
     got = chunk_coefficients_backward(alpha, eta, theta, valid, *grads)
     for name, e, r in zip(("alpha", "eta", "theta"), expected, got):
         assert torch.allclose(r, e, rtol=1e-12, atol=1e-14), f"d {name}: max error {(r - e).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("forget_to", ["zero", "init"])
+@pytest.mark.parametrize("L", [1, 2])
+def test_heads_on_parallel_threads_match_reference_and_one_loop(monkeypatch, L, forget_to):
+    """On a CPU with several threads the chunk loops run head groups on threads of their own
+    (chunked._head_groups). 3 heads on 2 threads (groups of 2 and 1), from a state, over several
+    checkpoint stretches: the float64 token loop is matched (values, state, every gradient), and so
+    is the one-loop path (parallel_heads(False)) to rounding. The split must really happen: the
+    test counts the parallel calls (forward and backward)."""
+    from titans.memory import chunked
+
+    calls = []
+    real = chunked._in_parallel
+    monkeypatch.setattr(chunked, "_in_parallel", lambda fn, groups: calls.append(groups) or real(fn, groups))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inp = make_inputs(2, 3, 37, 5, L, per_layer=True, seed=11)
+        y_par = _compare(inp, 4, 5, 11, forget_to=forget_to)  # returns the reference's y
+        assert calls and all(g == [(0, 2), (2, 3)] for g in calls), calls
+        assert len(calls) >= 2  # a forward and a backward
+        leaves = inp.leaves()
+        y1, st1 = run("chunked", leaves, 4, None, None, forget_to)
+        g1 = grads(random_functional(y1, st1, 3), [t for _, t in leaves.tensors()])
+        chunked.parallel_heads(False)
+        n = len(calls)
+        y2, st2 = run("chunked", leaves, 4, None, None, forget_to)
+        g2 = grads(random_functional(y2, st2, 3), [t for _, t in leaves.tensors()])
+        assert len(calls) == n  # the one-loop path did not split
+    finally:
+        chunked.parallel_heads(True)
+        torch.set_num_threads(threads)
+    assert y_par.shape == y1.shape
+    assert_rel_close(y1, y2, 1e-12, "y, parallel vs one loop")
+    assert_states_close(st1, st2, 1e-12)
+    for i, (a, b) in enumerate(zip(g1, g2, strict=True)):
+        assert_rel_close(a, b, 1e-12, f"gradient {i}, parallel vs one loop")
