@@ -15,7 +15,6 @@ forward pass and recomputes each chunk in the backward pass.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -690,16 +689,7 @@ def _in_parallel(fn, groups):
         pool = ThreadPoolExecutor(len(groups), thread_name_prefix="titans-heads",
                                   initializer=torch.set_num_threads, initargs=(1,))
         _PARALLEL["pool"] = pool
-
-    def run(i, g):
-        with torch.no_grad():  # grad mode is per thread; the loops never build a graph
-            return fn(i, g)
-
-    return [f.result() for f in [pool.submit(run, i, g) for i, g in enumerate(groups)]]
-
-
-# a forked child (a data-loader worker) has none of the pool's threads: it starts its own pool
-os.register_at_fork(after_in_child=lambda: _PARALLEL.update(pool=None))
+    return [f.result() for f in [pool.submit(fn, i, g) for i, g in enumerate(groups)]]
 
 
 def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0,
