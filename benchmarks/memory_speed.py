@@ -11,8 +11,6 @@ in the same run.
     python benchmarks/memory_speed.py --impls titans   # ours only
     python benchmarks/memory_speed.py --impls titans,titans-compiled,titans-pytorch \
         --out benchmarks/results/memory_speed_compiled   # also with the compiled chunk step
-    python benchmarks/memory_speed.py --impls titans,titans-one-loop \
-        --out benchmarks/results/memory_speed_heads      # head groups on threads vs one loop
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ DIM, HEADS, DEPTH, EXPANSION, CHUNK, BATCH = 384, 4, 2, 4, 64, 2
 
 
 def build(impl: str):
-    if impl in ("titans", "titans-compiled", "titans-one-loop"):
+    if impl in ("titans", "titans-compiled"):
         from titans.memory import NeuralMemory
 
         return NeuralMemory(DIM, HEADS, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
@@ -62,10 +60,6 @@ def worker(impl: str, T: int, count_flops: bool) -> dict:
         from titans.memory import compile_chunks  # so the warm-up below compiles it once
 
         compile_chunks()
-    if impl == "titans-one-loop":  # every head in one chunk loop, each op split over the threads
-        from titans.memory import parallel_heads
-
-        parallel_heads(False)
     step(module, torch.randn(BATCH, 256, DIM))  # warm-up: thread pools, allocator (and compiling)
     module.zero_grad(set_to_none=True)
     x = torch.randn(BATCH, T, DIM, requires_grad=True)

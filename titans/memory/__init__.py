@@ -5,19 +5,12 @@
 - `NeuralMemory`:     the nn.Module layer (projections, conv, gates, output gate).
 """
 
-from .chunked import (
-    chunks_compiled,
-    chunks_graphed,
-    compile_chunks,
-    graph_chunks,
-    memory_chunked,
-    parallel_heads,
-)
+from .chunked import chunks_compiled, chunks_graphed, compile_chunks, graph_chunks, memory_chunked
 from .functional import MemoryState, memory_apply
 from .layer import NeuralMemory, NeuralMemoryState
 from .naive import memory_recurrent
 
 __all__ = [
     "MemoryState", "NeuralMemory", "NeuralMemoryState", "chunks_compiled", "chunks_graphed", "compile_chunks",
-    "graph_chunks", "memory_apply", "memory_chunked", "memory_recurrent", "parallel_heads",
+    "graph_chunks", "memory_apply", "memory_chunked", "memory_recurrent",
 ]

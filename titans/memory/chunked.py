@@ -513,12 +513,7 @@ class _MemoryChunks(torch.autograd.Function):
     recomputing the states of a stretch from its checkpoint and each chunk's intermediates from
     its state, then applying the hand-written chunk backward. Both loops go by stretches of
     CHECKPOINT_EVERY chunks, each stretch pure tensor code (no autograd, no host synchronisation),
-    so on CUDA a stretch can run as one captured graph (`graph_chunks`).
-
-    Heads are independent memories, so on a CPU with several threads the heads are split into
-    groups and each group's loops run on a thread of their own, one intra-op thread each
-    (`_head_groups`): the chunk step's many small operations then run side by side instead of
-    each being split, with a synchronisation, over the threads."""
+    so on CUDA a stretch can run as one captured graph (`graph_chunks`)."""
 
     @staticmethod
     def forward(ctx, L, clip, read, anchored, norm_qk, q, k, v, alpha, eta, theta, valid, gamma, beta,
@@ -528,23 +523,33 @@ class _MemoryChunks(torch.autograd.Function):
         q, k, v, alpha, eta, theta, valid, *states = (t.detach() for t in (q, k, v, alpha, eta, theta, valid,
                                                                            *states))
         gamma, beta = (None, None) if gamma is None else (gamma.detach(), beta.detach())
+        states = tuple(states)
+        W0 = states[2 * L:] if anchored else ()  # forgetting towards W0: WS holds U = W - W0
+        G = tuple(_w_view(g) if not anchored else g.contiguous() for g in states[:L])
+        WS = states[L:2 * L]
+        G0 = G
+        N, K = q.shape[0], CHECKPOINT_EVERY
         keep = any(ctx.needs_input_grad)
-        static = (L, clip, read, anchored, norm_qk, keep)
-        inputs = (q, k, v, alpha, eta, theta, valid, gamma, beta, *states)
-        groups = _head_groups(q)
-        if groups is None:
-            parts = [_forward_chunks(*static, *inputs)]
-        else:
-            dims = _CHUNK_DIMS + (0, 0) + (1,) * (2 * L) + ((0,) * L if anchored else ())
-            parts = _in_parallel(lambda i, h: _forward_chunks(*static, *_heads(inputs, dims, h)), groups)
-        y = _cat_heads([p[0] for p in parts], 2)
-        WS = tuple(_cat_heads(ws, 1) for ws in zip(*(p[1] for p in parts)))
-        G_last = tuple(_cat_heads(g, 1) for g in zip(*(p[2] for p in parts)))
-        ctx.L, ctx.clip, ctx.read, ctx.norm_qk, ctx.groups = L, clip, read, norm_qk, groups
-        ctx.checkpoints, ctx.G0 = [p[3] for p in parts], [p[4] for p in parts]
+        y = torch.empty_like(q) if read else q.new_empty(0)
+        saved = [ws.new_empty(math.ceil(N / K), *ws.shape) for ws in WS] if keep else None
+        for n0 in range(0, N, K):
+            n1 = min(n0 + K, N)
+            if keep:
+                for buf, ws in zip(saved, WS):
+                    buf[n0 // K].copy_(ws)
+            chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
+            args = (G, WS, *chunk, gamma, beta, W0)
+            y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read, norm_qk), args,
+                                           y[n0:n1] if read else None)
+            if y_n is not None:  # a graph's output: copied into place
+                y[n0:n1] = y_n
+            G = _base(WS, W0)
+        if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
+            G_last = tuple(g.clone() for g in G_last)
+        ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0, ctx.norm_qk = L, clip, read, saved, W0, norm_qk
+        ctx.G0 = G0
         # the gates, not the b x b coefficients: those are recomputed per stretch in the backward
-        ctx.save_for_backward(q, k, v, alpha, eta, theta, valid, gamma, beta,
-                              *(states[2 * L:] if anchored else ()))
+        ctx.save_for_backward(q, k, v, alpha, eta, theta, valid, gamma, beta)
         if not read:
             ctx.mark_non_differentiable(y)
         return (y, *WS, *G_last)
@@ -552,144 +557,39 @@ class _MemoryChunks(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dy, *d_out):
-        L, groups = ctx.L, ctx.groups
-        q, k, v, alpha, eta, theta, valid, gamma, beta, *W0 = (None if t is None else t.detach()
-                                                               for t in ctx.saved_tensors)
-        dy = dy.detach().contiguous() if dy is not None and ctx.read else None  # one layout (compiled step)
+        L, clip, read, K = ctx.L, ctx.clip, ctx.read, CHECKPOINT_EVERY
+        q, k, v, alpha, eta, theta, valid, gamma, beta = (None if t is None else t.detach()
+                                                          for t in ctx.saved_tensors)
+        dy = dy.detach().contiguous() if dy is not None else None  # one layout whatever N (compiled step)
         d_out = tuple(None if d is None else d.detach() for d in d_out)
-        static = (L, ctx.clip, ctx.read, ctx.norm_qk)
-        inputs = (q, k, v, alpha, eta, theta, valid, gamma, beta, dy, *d_out, *W0)
-        if groups is None:
-            parts = [_backward_chunks(*static, ctx.checkpoints[0], ctx.G0[0], *inputs)]
-        else:
-            dims = _CHUNK_DIMS + (0, 0, 2) + (1,) * (2 * L) + (0,) * len(W0)
-            parts = _in_parallel(lambda i, h: _backward_chunks(*static, ctx.checkpoints[i], ctx.G0[i],
-                                                               *_heads(inputs, dims, h)), groups)
-        d_inputs = [_cat_heads(d, 2) for d in zip(*(p[0] for p in parts))]
-        d_gamma, d_beta = (_cat_heads(d, 0) for d in zip(*(p[1:3] for p in parts)))
-        dG0 = [_cat_heads(d, 1) for d in zip(*(p[3] for p in parts))]
-        dWS = [_cat_heads(d, 1) for d in zip(*(p[4] for p in parts))]
-        dW0 = [_cat_heads(d, 0) for d in zip(*(p[5] for p in parts))]
+        N = q.shape[0]
+        zero_if_none = lambda ds, ref: tuple(torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref))  # noqa: E731
+        dWS = zero_if_none(d_out[:L], [buf[0] for buf in ctx.checkpoints])
+        dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], ctx.G0)
+        d_inputs = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
+        d_gamma = d_beta = None
+        W0 = tuple(w.detach() for w in ctx.W0)
+        dW0 = [torch.zeros_like(w) for w in W0]
+        for n0 in range(K * ((N - 1) // K), -1, -K):
+            n1 = min(n0 + K, N)
+            WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
+            G = ctx.G0 if n0 == 0 else _base(WS, W0)
+            last = dG_last if n1 == N else None
+            chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
+            args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
+            d_chunk = [d[n0:n1] for d in d_inputs]
+            static = (L, clip, read, ctx.norm_qk, n0 == 0)
+            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, static, args, d_chunk)
+            if d_n is not None:  # a graph's outputs: copied into place
+                for acc, g in zip(d_chunk, d_n):
+                    acc.copy_(g)
+            if dg is not None:
+                d_gamma = dg if d_gamma is None else d_gamma + dg
+                d_beta = db if d_beta is None else d_beta + db
+            dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
+        dG0, dWS = dWS[:L], dWS[L:]  # the first stretch hands out d(first base) and d(start [W; S])
         d_inputs = [d if want else None for d, want in zip(d_inputs, ctx.needs_input_grad[5:11])]
         return (None, None, None, None, None, *d_inputs, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
-
-
-def _forward_chunks(L, clip, read, anchored, norm_qk, keep, q, k, v, alpha, eta, theta, valid, gamma, beta,
-                    *states):
-    """The forward loop of `_MemoryChunks` over the heads it is given. Returns (y, WS at the end,
-    the last chunk's base, the checkpoint buffers (None unless `keep`), the first chunk's base)."""
-    W0 = states[2 * L:] if anchored else ()  # forgetting towards W0: WS holds U = W - W0
-    G = tuple(_w_view(g) if not anchored else g.contiguous() for g in states[:L])
-    WS = states[L:2 * L]
-    G0 = G
-    N, K = q.shape[0], CHECKPOINT_EVERY
-    y = torch.empty_like(q) if read else q.new_empty(0)
-    saved = [ws.new_empty(math.ceil(N / K), *ws.shape) for ws in WS] if keep else None
-    for n0 in range(0, N, K):
-        n1 = min(n0 + K, N)
-        if keep:
-            for buf, ws in zip(saved, WS):
-                buf[n0 // K].copy_(ws)
-        chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
-        args = (G, WS, *chunk, gamma, beta, W0)
-        y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read, norm_qk), args,
-                                       y[n0:n1] if read else None)
-        if y_n is not None:  # a graph's output: copied into place
-            y[n0:n1] = y_n
-        G = _base(WS, W0)
-    if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
-        G_last = tuple(g.clone() for g in G_last)
-    return y, tuple(WS), tuple(G_last), saved, G0
-
-
-def _backward_chunks(L, clip, read, norm_qk, checkpoints, G0, q, k, v, alpha, eta, theta, valid, gamma, beta,
-                     dy, *rest):
-    """The backward loop of `_MemoryChunks` over the heads it is given (rest: d of the end [W; S]
-    per layer, d of the last base per layer, W0 when anchored). Returns (d of q, k, v, alpha, eta,
-    theta; d gamma; d beta; d of the first base; d of the start [W; S]; d W0)."""
-    K = CHECKPOINT_EVERY
-    d_out, W0 = rest[:2 * L], tuple(rest[2 * L:])
-    N = q.shape[0]
-    zero_if_none = lambda ds, ref: tuple(torch.zeros_like(r) if d is None else d for d, r in zip(ds, ref))  # noqa: E731
-    dWS = zero_if_none(d_out[:L], [buf[0] for buf in checkpoints])
-    dG_last = None if all(d is None for d in d_out[L:]) else zero_if_none(d_out[L:], G0)
-    d_inputs = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
-    d_gamma = d_beta = None
-    dW0 = [torch.zeros_like(w) for w in W0]
-    for n0 in range(K * ((N - 1) // K), -1, -K):
-        n1 = min(n0 + K, N)
-        WS = tuple(buf[n0 // K] for buf in checkpoints)
-        G = G0 if n0 == 0 else _base(WS, W0)
-        last = dG_last if n1 == N else None
-        chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
-        args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
-        d_chunk = [d[n0:n1] for d in d_inputs]
-        static = (L, clip, read, norm_qk, n0 == 0)
-        d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, static, args, d_chunk)
-        if d_n is not None:  # a graph's outputs: copied into place
-            for acc, g in zip(d_chunk, d_n):
-                acc.copy_(g)
-        if dg is not None:
-            d_gamma = dg if d_gamma is None else d_gamma + dg
-            d_beta = db if d_beta is None else d_beta + db
-        dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
-    # the first stretch hands out d(first base) and d(start [W; S])
-    return d_inputs, d_gamma, d_beta, dWS[:L], dWS[L:], dW0
-
-
-# ------------------------------------------------------------------- heads on parallel threads
-# Where the head dimension sits in the chunk-layout tensors q, k, v (N, B, H, b, D) and the gates
-# alpha, eta, theta (N, B, H, Lg, b); valid (N, 1, 1, 1, b) has none.
-_CHUNK_DIMS = (2, 2, 2, 2, 2, 2, None)
-
-_PARALLEL: dict = {"enabled": True, "pool": None}
-
-
-def parallel_heads(enabled: bool = True) -> None:
-    """Whether the memory's chunk loops on a CPU split the heads over torch.get_num_threads() threads
-    (on by default; one intra-op thread per group). `parallel_heads(False)` runs all heads in one
-    loop, each operation split over the threads by PyTorch. Results are the same either way (the
-    heads do not interact). Process-wide."""
-    _PARALLEL["enabled"] = bool(enabled)
-
-
-def _head_groups(q: Tensor) -> list[tuple[int, int]] | None:
-    """Head ranges for the parallel loops, or None for one loop: on a CPU, with more than one thread
-    and head, the eager step (a compiled step stays on the calling thread) and no graph capture."""
-    H, n = q.shape[2], torch.get_num_threads()
-    if (not _PARALLEL["enabled"] or q.device.type != "cpu" or n < 2 or H < 2 or chunks_compiled()
-            or _GRAPHS["capture"] is not None):
-        return None
-    n = min(n, H)
-    bounds = [round(i * H / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
-
-
-def _heads(tensors, dims, heads: tuple[int, int]):
-    """The given head range of each tensor (dim: where its head axis is; None: shared), contiguous."""
-    h0, h1 = heads
-    return tuple(t if d is None or t is None else t.narrow(d, h0, h1 - h0).contiguous()
-                 for t, d in zip(tensors, dims))
-
-
-def _cat_heads(parts, dim: int):
-    """Put head groups back together (one group: as it is; None stays None)."""
-    parts = list(parts)
-    if len(parts) == 1 or parts[0] is None:
-        return parts[0]
-    return torch.cat(parts, dim=dim)
-
-
-def _in_parallel(fn, groups):
-    """fn(index, group) for every group, each on a pool thread with one intra-op thread; results in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = _PARALLEL["pool"]
-    if pool is None or pool._max_workers < len(groups):
-        pool = ThreadPoolExecutor(len(groups), thread_name_prefix="titans-heads",
-                                  initializer=torch.set_num_threads, initargs=(1,))
-        _PARALLEL["pool"] = pool
-    return [f.result() for f in [pool.submit(fn, i, g) for i, g in enumerate(groups)]]
 
 
 def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0,
