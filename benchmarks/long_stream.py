@@ -57,8 +57,8 @@ def main() -> None:
     if args.resume:
         saved = torch.load(ckpt, weights_only=False)
         if (saved["preset"], saved["variant"], saved["piece"]) != (args.preset, args.variant, args.piece):
-            p.error(f"--resume: {ckpt} holds {saved['preset']} {saved['variant']} pieces of {saved['piece']}, "
-                    f"not {args.preset} {args.variant} pieces of {args.piece}")
+            p.error(f"--resume: {ckpt} holds {saved['preset']} {saved['variant']} pieces of "
+                    f"{saved['piece']}, not {args.preset} {args.variant} pieces of {args.piece}")
         model.load_state_dict(saved["model"])
         g.set_state(saved["generator"])
         state, seen, rows = saved["state"], saved["seen"], saved["rows"]
