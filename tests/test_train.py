@@ -513,9 +513,10 @@ def test_task_mix_rows_score_only_the_answer_and_split_like_the_global_batch(cor
     assert swapped and len(swapped) < 4  # about half the rows, for this seed
     for i in swapped:
         scored = gy[i] != -100
-        answer = tok.decode(gy[i][scored].tolist())
+        assert gy[i][-1] == tok.eos_id  # the answer ends with the separator: the model learns to stop
+        answer = tok.decode(gy[i][scored][:-1].tolist())
         assert answer.strip().isdigit() and 5 <= len(answer.strip()) <= 7
-        assert scored[-1] and scored.sum() == len(answer)  # only the answer, at the end
+        assert scored[-1] and scored.sum() == len(answer) + 1  # only the answer and its end, at the end
         prompt = tok.decode([t for t in gx[i].tolist() if t != tok.eos_id])
         assert answer.strip() in prompt.split("Answer:")[0]  # the needle is in the context
         assert torch.equal(gx[i][1:], gy[i][:-1].where(gy[i][:-1] != -100, gx[i][1:]))

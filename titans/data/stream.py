@@ -120,8 +120,9 @@ class TaskMix:
     The haystack is the *train* split, never the held-out books the evaluation uses. Which rows of
     the global batch are task rows, and each row's task, depth and seed, are drawn from (seed, step),
     so resume and data parallelism stay exact. Each row is an example of seq_len + 1 tokens
-    (left-padded with the document separator); with loss "answer" only its answer tokens are
-    scored, with "all" every token is."""
+    (left-padded with the document separator) whose answer is followed by the separator, so the
+    model learns where an answer ends; with loss "answer" only the answer tokens and that separator
+    are scored, with "all" every token is."""
 
     def __init__(self, names: list[str], haystack: str, tokenizer, seq_len: int, fraction: float,
                  loss: str = "answer"):
@@ -155,7 +156,10 @@ class TaskMix:
         i = int(rng.integers(len(self.makers)))
         tok = self.tokenizer
         ex = self._make(i, int(rng.integers(2 ** 31)), float(rng.random()))
-        prompt, ans = tok.encode(ex.prompt), tok.encode(ex.answer)
+        # the answer ends with the document separator: the model learns to stop after it (greedy
+        # evaluation stops there; a model never shown an end goes on with more digits or letters,
+        # and "4975333" is not the pass key 49753)
+        prompt, ans = tok.encode(ex.prompt), tok.encode(ex.answer) + [tok.eos_id]
         ids = (prompt + ans)[-(self.seq_len + 1):]
         pad = self.seq_len + 1 - len(ids)
         ids = torch.tensor([tok.eos_id] * pad + ids)
