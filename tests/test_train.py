@@ -525,6 +525,21 @@ def test_task_mix_rows_score_only_the_answer_and_split_like_the_global_batch(cor
     assert torch.equal(torch.cat(halves), gx)
     micro = [mix.apply(x[:2], y[:2], seed=0, step=3, micro=m, accum=2)[0] for m in range(2)]
     assert torch.equal(torch.cat(micro), gx)
+    # varied lengths: prompts of many lengths within [shortest, seq_len - 16], each still a whole example
+    varied = TaskMix(["niah_single_1", "niah_single_2"], hay, tok, 300, 1.0, lengths="varied")
+    assert all(300 // 2 <= lo < 300 - 16 for lo in varied.shortest)
+    prompts = []
+    for seed in range(40):
+        vx, vy = varied.example(seed)
+        assert vy[-1] == tok.eos_id and (vy != -100).sum() >= 6
+        n = int((vx != tok.eos_id).sum()) + 1 - int((vy != -100).sum())  # prompt tokens (x drops the last)
+        assert min(varied.shortest) - 20 <= n <= 300 - 16, n  # make_niah may come in below the length asked
+        prompts.append(n)
+    assert max(prompts) - min(prompts) > 60, prompts
+    assert torch.equal(mix.example(5)[0], TaskMix(["niah_single_1", "niah_single_2"], hay, tok, 300, 0.5,
+                                                   lengths="fixed").example(5)[0])
+    with pytest.raises(TitansError, match="task_lengths must be 'fixed' or 'varied'"):
+        TaskMix(["niah_single_1"], hay, tok, 300, 0.5, lengths="random")
     with pytest.raises(TitansError, match="unknown task"):
         TaskMix(["niah_single_9"], hay, tok, 300, 0.5)
     # a task that cannot fit the training length is refused up front, naming the task and seq_len

@@ -120,12 +120,13 @@ class TaskMix:
     The haystack is the *train* split, never the held-out books the evaluation uses. Which rows of
     the global batch are task rows, and each row's task, depth and seed, are drawn from (seed, step),
     so resume and data parallelism stay exact. Each row is an example of seq_len + 1 tokens
-    (left-padded with the document separator) whose answer is followed by the separator, so the
-    model learns where an answer ends; with loss "answer" only the answer tokens and that separator
-    are scored, with "all" every token is."""
+    (left-padded with the document separator; its prompt seq_len - 16 tokens, or with lengths
+    "varied" a length drawn per row between about half of that and all of it) whose answer is
+    followed by the separator, so the model learns where an answer ends; with loss "answer" only
+    the answer tokens and that separator are scored, with "all" every token is."""
 
     def __init__(self, names: list[str], haystack: str, tokenizer, seq_len: int, fraction: float,
-                 loss: str = "answer"):
+                 loss: str = "answer", lengths: str = "fixed"):
         from ..tasks import TASKS
 
         unknown = [n for n in names if n not in TASKS]
@@ -136,18 +137,39 @@ class TaskMix:
             raise TitansError(f"data.task_mix must lie in (0, 1], got {fraction}")
         if loss not in ("answer", "all"):
             raise TitansError(f"data.task_loss must be 'answer' or 'all', got {loss!r}")
+        if lengths not in ("fixed", "varied"):
+            raise TitansError(f"data.task_lengths must be 'fixed' or 'varied', got {lengths!r}")
         self.makers = [TASKS[n] for n in names]
         self.names, self.haystack, self.tokenizer = names, haystack, tokenizer
-        self.seq_len, self.fraction, self.loss = seq_len, fraction, loss
+        self.seq_len, self.fraction, self.loss, self.lengths = seq_len, fraction, loss, lengths
+        self.longest = seq_len - 16  # prompt tokens; the rest of the row is for the answer
         for i in range(len(names)):  # a task that cannot fit seq_len fails here, not at some step
             for seed in range(3):
                 self._make(i, seed, depth=0.5)
+        # varied: each row's prompt length is drawn from [shortest, longest], where shortest is half
+        # the row or the shortest prompt the task fits in (plus a margin for its longer values)
+        self.shortest = [self._shortest(i) for i in range(len(names))] if lengths == "varied" else None
 
-    def _make(self, i: int, seed: int, depth: float):
+    def _shortest(self, i: int) -> int:
+        lo, hi = 1, self.longest  # hi fits (checked above); find the smallest length that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                for seed in range(3):
+                    self.makers[i](mid, haystack=self.haystack, tokenizer=self.tokenizer, seed=seed,
+                                   depth=0.5)
+                hi = mid
+            except ValueError:
+                lo = mid + 1
+        return min(self.longest, max(self.seq_len // 2, lo + 8))
+
+    def _make(self, i: int, seed: int, depth: float, length: int | None = None):
         try:
-            return self.makers[i](self.seq_len - 16, haystack=self.haystack, tokenizer=self.tokenizer,
+            return self.makers[i](length or self.longest, haystack=self.haystack, tokenizer=self.tokenizer,
                                   seed=seed, depth=depth)
         except ValueError as e:
+            if length is not None:  # a drawn length too short for this example: the longest fits
+                return self._make(i, seed, depth)
             raise TitansError(f"data.tasks: {self.names[i]} does not fit data.seq_len = {self.seq_len} "
                               f"({e}); raise data.seq_len or drop the task") from None
 
@@ -155,7 +177,9 @@ class TaskMix:
         rng = np.random.default_rng(seed)
         i = int(rng.integers(len(self.makers)))
         tok = self.tokenizer
-        ex = self._make(i, int(rng.integers(2 ** 31)), float(rng.random()))
+        ex_seed, depth = int(rng.integers(2 ** 31)), float(rng.random())
+        length = None if self.shortest is None else int(rng.integers(self.shortest[i], self.longest + 1))
+        ex = self._make(i, ex_seed, depth, length)
         # the answer ends with the document separator: the model learns to stop after it (greedy
         # evaluation stops there; a model never shown an end goes on with more digits or letters,
         # and "4975333" is not the pass key 49753)
