@@ -64,6 +64,8 @@ def main() -> None:
         state, seen, rows = saved["state"], saved["seen"], saved["rows"]
         before, leg = rows[-1]["seconds"], rows[-1].get("leg", 0) + 1
         print(f"resumed at {seen:,} tokens (leg {leg}) from {ckpt}", flush=True)
+        if seen >= args.tokens:
+            raise SystemExit(f"{ckpt} has streamed {seen:,} tokens already; ask for more with --tokens")
     t0 = time.perf_counter()
     next_report = (seen // args.report + 1) * args.report
     with torch.no_grad():

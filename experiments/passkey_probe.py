@@ -37,7 +37,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0) -> dict:
             target = torch.tensor(answer)
             nats += torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
             hits = pred.argmax(-1) == target
-            digit = torch.tensor([chr(t).isdigit() if t < 128 else False for t in answer])
+            digit = torch.tensor([tokenizer.decode([t]).strip().isdigit() for t in answer])
             digits += int(digit.sum())
             right += int((hits & digit).sum())
             exact += int(hits.all())
