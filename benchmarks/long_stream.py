@@ -6,7 +6,7 @@ bounded state; report tokens/s and RSS every --report tokens, and fail on NaN/In
     python benchmarks/long_stream.py --tokens 10000000 --resume    # go on from the last checkpoint
 The input is random bytes (the memory cost and speed do not depend on the content).
 
-With --checkpoint (default out/long_stream_<variant>.pt) the model weights, the streaming state, the
+With --checkpoint (default out/long_stream_<preset>_<variant>.pt) the model weights, the streaming state, the
 random generator and the rows so far are saved at every report, so a run that is stopped (a session
 ending, --max-minutes) can go on later with --resume: the stream continues exactly where it was (the
 state is the model's whole memory of the stream; chained pieces equal one call). Each resumed leg is a
