@@ -26,7 +26,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0) -> dict:
     from titans.tasks.niah import make_niah
 
     model, tokenizer = load(checkpoint)
-    nats, digits, right, exact = 0.0, 0, 0, 0
+    nats, tokens, digits, right, exact = 0.0, 0, 0, 0, 0
     with torch.no_grad():
         for i in range(examples):
             ex = make_niah("single_1", length, None, tokenizer=tokenizer, seed=seed + i)
@@ -41,15 +41,15 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0) -> dict:
             digits += int(digit.sum())
             right += int((hits & digit).sum())
             exact += int(hits.all())
-            tokens = len(answer)
+            tokens += len(answer)
     return {
         "checkpoint": checkpoint,
         "length": length,
         "examples": examples,
-        "answer_loss_nats_per_token": nats / (examples * tokens),
+        "answer_loss_nats_per_token": nats / tokens,
         "digit_accuracy_teacher_forced": right / digits,
         "all_answer_tokens_right_teacher_forced": exact / examples,
-        "format_floor_nats_per_token": 5 * math.log(10) / tokens,
+        "format_floor_nats_per_token": 5 * math.log(10) * examples / tokens,
     }
 
 

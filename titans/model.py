@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .attention import Attention
 from .blocks.mixers import LMM, MAC, MAG, MAL
 from .memory import NeuralMemory
+from .memory.functional import silu_grad
 
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa", "gated_deltanet", "ttt_mlp")
 
@@ -172,7 +173,7 @@ class _SwiGLUDown(torch.autograd.Function):
         dout = dout.to(ab.dtype)
         dw = (dout.flatten(0, -2).t() @ (silu * b).flatten(0, -2)).to(w_down.dtype)
         dp = dout @ w_down.to(ab.dtype)
-        dab = torch.cat([dp * b * (sig + silu * (1 - sig)), dp * silu], dim=-1)  # silu' = s + silu (1 - s)
+        dab = torch.cat([dp * b * silu_grad(a, sig), dp * silu], dim=-1)
         return dab, dw
 
 

@@ -446,18 +446,13 @@ class _MemoryRead(torch.autograd.Function):
         dz = _layer_norm_backward(n, r, dy * gamma.unsqueeze(-2))
         dx, dW = dy.clone(), [None] * L
         for i in range(L - 1, -1, -1):
-            dW[i] = _sum_to(hs[i].transpose(-1, -2) @ dz, W[i].shape)
+            dW[i] = (hs[i].transpose(-1, -2) @ dz).sum_to_size(W[i].shape)
             dh = dz @ W[i].transpose(-1, -2)
             if i > 0:
                 dz = dh * gelu_grad(zs[i - 1])
             else:
                 dx += dh
         return dx, dgamma, dbeta, *dW
-
-
-def _sum_to(t: Tensor, shape) -> Tensor:
-    """t summed over the leading dimensions it has beyond `shape` (a weight broadcast over a batch)."""
-    return t.sum(tuple(range(t.dim() - len(shape)))) if t.dim() > len(shape) else t
 
 
 def _part_dots(x: Tensor, y: Tensor) -> Tensor:

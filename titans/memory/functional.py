@@ -67,6 +67,11 @@ def rms_norm_backward(n: Tensor, r: Tensor, dn: Tensor) -> Tensor:
     return r * (dn - n * (dn * n).mean(-1, keepdim=True))
 
 
+def silu_grad(x: Tensor, sig: Tensor) -> Tensor:
+    """d/dx of SiLU(x) = x sigmoid(x), given sig = sigmoid(x): sig (1 + x (1 - sig))."""
+    return sig * (1 + x * (1 - sig))
+
+
 def gelu_grad(z: Tensor) -> Tensor:
     """d/dz of the exact (erf) GELU: Phi(z) + z * phi(z)."""
     cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .chunked import memory_read, run_memory
 from .conv import check_sequence, conv_qkv, conv_silu, nonfinite_input_error
-from .functional import MemoryState, no_autocast, rms_norm_backward, rms_scale
+from .functional import MemoryState, no_autocast, rms_norm_backward, rms_scale, silu_grad
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
 ALPHA_BIAS = -5.0  # sigmoid -> 0.0067
@@ -304,7 +304,7 @@ class _GatedOutput(torch.autograd.Function):
             dw_out += (db.flatten(0, -2).t() @ z.to(dt).flatten(0, -2)).to(acc)
             dz = (db @ wo).to(acc)
             sig = torch.sigmoid(gb)
-            dg[:, blk] = dz * normed * sig * (1 + gb * (1 - sig))  # silu'(g) = s (1 + g (1 - s))
+            dg[:, blk] = dz * normed * silu_grad(gb, sig)
             dnormed = rearrange(dz.mul_(gb * sig), "b t (h d) -> b h t d", h=H)
             yhat = yb * rstd
             dw_norm += (dnormed * yhat).sum((0, 1, 2))
