@@ -109,6 +109,20 @@ def test_surprise_equals_autograd_on_the_reference_memory_in_float64():
     expected = torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(loss, W))).item()
     assert r["layers"][0]["surprise"][h, t] == pytest.approx(expected, rel=1e-4)
 
+    # the scales of the values and of the memory's outputs for their keys (weights at each chunk start)
+    T = v.shape[2]
+    assert r["layers"][0]["value_norm"] == pytest.approx(v[0].norm(dim=-1).median().item(), rel=1e-5)
+    norms = []
+    for start in range(0, T, b):
+        W = W0
+        if start:
+            _, st = memory_recurrent(k[:, :, :start], k[:, :, :start], v[:, :, :start], alpha[:, :, :start],
+                                     eta[:, :, :start], theta[:, :, :start], W0, chunk_size=b, ln=ln,
+                                     grad_clip=mem.grad_clip)
+            W = st.weights
+        norms.append(memory_apply(k[:, :, start:start + b], W, ln)[0].norm(dim=-1))
+    assert r["layers"][0]["output_norm"] == pytest.approx(torch.cat(norms, 1).median().item(), rel=1e-5)
+
 
 def test_gates_lie_in_their_ranges(mac_result):
     for m in mac_result["layers"]:

@@ -63,6 +63,48 @@ def test_mac_memory_tokens_never_carry_the_future():
     assert h_only.abs().sum() > 0
 
 
+def test_mac_writes_the_rms_normalised_attention_output():
+    """With write_norm (the default) the memory of a MAC block receives RMSNorm(y), y the attention
+    output; without it, y itself: the two models differ only there."""
+    seen = {}
+    tokens = torch.randint(0, 256, (1, 13), generator=torch.Generator().manual_seed(4))
+    for flag in (True, False):
+        model = make("mac", write_norm=flag)
+        mixer = model.blocks[1].mixer
+        assert (mixer.write_norm is not None) == flag
+        calls = []
+        mixer.memory.register_forward_pre_hook(lambda mod, args, calls=calls: calls.append(args[0]))
+        attn_out = []
+        mixer.attention.out.register_forward_hook(lambda mod, args, out, seen=attn_out: seen.append(out))
+        with torch.no_grad():
+            model(tokens)
+        x, y = torch.cat(calls, 1), torch.cat(attn_out, 1)
+        seen[flag] = x
+        if flag:  # the norm's weight starts at one
+            torch.testing.assert_close(x, y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
+        else:
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert (seen[True] - seen[False]).abs().max() > 1e-3
+
+
+def test_checkpoints_from_before_write_norm_load_without_it(tmp_path):
+    from titans.checkpoint import load, save_checkpoint
+    from titans.data.tokenizer import ByteTokenizer
+
+    old = make("mac", write_norm=False).float()
+    save_checkpoint(tmp_path / "run", 1, model_state=old.state_dict(), config=old.config, train_config={},
+                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    meta_path = next((tmp_path / "run").rglob("config.json"))
+    meta = json.loads(meta_path.read_text())
+    del meta["model"]["write_norm"]  # as written before the field existed
+    meta_path.write_text(json.dumps(meta))
+    model, _ = load(tmp_path / "run")
+    assert model.config.write_norm is False
+    tokens = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0], old(tokens)[0])
+
+
 def test_windowed_attention_matches_dense_reference(monkeypatch):
     monkeypatch.setattr("titans.attention.QUERY_BLOCK", 5)  # several blocks
     g = torch.Generator().manual_seed(4)

@@ -184,7 +184,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     ckpt = find_checkpoint(path)
     try:
         meta = json.loads((ckpt / "config.json").read_text())
-        config = TitansConfig.from_dict(meta["model"])
+        # fields added after a checkpoint was written take the value that reproduces it
+        config = TitansConfig.from_dict({"write_norm": False, **meta["model"]})
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, this version reads {FORMAT}")
     except (OSError, ValueError, KeyError, TypeError) as e:

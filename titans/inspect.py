@@ -220,6 +220,7 @@ def measure_memory(mem: NeuralMemory, inputs: dict, needle: tuple[int, int] | No
     bins = np.arange(max(1, math.ceil(math.log2(max(T, 2)))) + 1)  # ages [2^i, 2^(i+1))
     age_sum, age_n = np.zeros((H, len(bins))), np.zeros(len(bins))
     surprise = torch.zeros(H, T, dtype=torch.float64)
+    out_norm = torch.zeros(H, T, dtype=torch.float64)  # ||M_W(k_t)|| at t's chunk-start weights
     needle_err = np.full((H, len(checkpoints)), np.nan)
     sample_err = np.full((H, len(checkpoints)), np.nan)
     stops = sorted(set(range(0, T, b)) | set(checkpoints) | {0, T})
@@ -229,6 +230,9 @@ def measure_memory(mem: NeuralMemory, inputs: dict, needle: tuple[int, int] | No
         for p, nxt in zip(stops, stops[1:] + [None]):
             if p % b == 0 and p < T:  # a chunk starts: its gradients are all taken at W_p
                 surprise[:, p:p + b] = inner_grad_norm(W, k[:, p:p + b], v[:, p:p + b], ln)
+                kc = k[:, p:p + b].to(W[0].dtype).unsqueeze(0)
+                ln_c = None if ln is None else tuple(t.detach().to(kc.dtype) for t in ln)
+                out_norm[:, p:p + b] = memory_apply(kc, W, ln_c)[0].norm(dim=-1)
             if p in checkpoints:
                 c = checkpoints.index(p)
                 if needle is not None and (p == needle[0] or p >= needle[1]):
@@ -256,6 +260,11 @@ def measure_memory(mem: NeuralMemory, inputs: dict, needle: tuple[int, int] | No
         "surprise": surprise,
         **{n: g.double().cpu().numpy() for n, g in gates.items()},
         "clipped": None if mem.grad_clip is None else float((surprise > mem.grad_clip).mean()),
+        # the scale of what the memory is asked to store against the scale it outputs: a deep
+        # memory's M(k) - k = gamma LN(h) + beta has a norm fixed by the outer LN parameters, so
+        # values far larger (or smaller) than that can never be fitted (recall error ~1)
+        "value_norm": float(v.double().norm(dim=-1).median()),
+        "output_norm": float(out_norm.median()),
         "recall_at": np.array(checkpoints),
         "recall_needle": needle_err,
         "recall_sample": sample_err,
@@ -370,7 +379,8 @@ def format_table(r: dict, head: int | None = None) -> str:
     where = f", needle at tokens [{nd['start']}, {nd['end']}): {nd['text']!r}" if nd else ", no needle"
     lines = [f"{len(r['tokens'])} tokens{where}  ({who})", ""]
     head_row = (f"{'block':>5} {'mixer':>5} {'surprise':>9} {'needle':>9} {'ratio':>6} {'pct':>5} "
-                f"{'alpha':>7} {'eta':>6} {'theta':>6} {'clip%':>6}  needle recall err before/after/end")
+                f"{'alpha':>7} {'eta':>6} {'theta':>6} {'clip%':>6} {'|v|':>7} {'|M(k)|':>7}  "
+                "needle recall err before/after/end")
     lines += [head_row, "-" * len(head_row)]
     for m in r["layers"]:
         s = layer_series(m, head)
@@ -380,11 +390,13 @@ def format_table(r: dict, head: int | None = None) -> str:
         lines.append(f"{m['layer']:>5} {m['mixer']:>5} {st['median_surprise']:>9.3g} "
                      f"{st.get('needle_surprise', math.nan):>9.3g} {st.get('needle_ratio', math.nan):>6.2f} "
                      f"{st.get('needle_percentile', math.nan):>5.0f} {s['alpha'].mean():>7.4f} "
-                     f"{s['eta'].mean():>6.3f} {s['theta'].mean():>6.3f} {clip:>6}  "
+                     f"{s['eta'].mean():>6.3f} {s['theta'].mean():>6.3f} {clip:>6} "
+                     f"{m['value_norm']:>7.3g} {m['output_norm']:>7.3g}  "
                      f"{before:.3f} / {after:.3f} / {end:.3f}")
     lines += ["", "surprise: median over the document; needle: mean over the needle's tokens; "
               "ratio = needle / median; pct: percentile of the needle's mean among document tokens; "
-              "recall err = ||M(k)-v||^2/||v||^2"]
+              "|v|, |M(k)|: median norms of the values written and of the memory's outputs for their keys "
+              "(far apart: the memory cannot fit its values); recall err = ||M(k)-v||^2/||v||^2"]
     return "\n".join(lines)
 
 

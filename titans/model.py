@@ -70,6 +70,14 @@ class TitansConfig:
     # where forgetting pulls the memory: "zero" (the paper) or "init" (the learned initial weights;
     # NeuralMemory's docstring and README "Training")
     forget_to: str = "zero"
+    # MAC: RMSNorm (learnable weight) on the attention output before the memory writes it and reads
+    # it back. The block's pre-norm gives LMM, MAG and MAL normalised memory inputs; MAC's write input
+    # is the attention's output projection, whose scale training is free to grow. Without the norm
+    # the tiny MAC's write inputs grew to norms of 27-670 (values 11-500) while the deep memory's
+    # output M(k) - k = gamma LN(h) + beta has a fixed norm of ~6: the memory could fit none of
+    # its values (recall error 0.92-1.04 of ||v||^2) and carried nothing across segments.
+    # Checkpoints from before this field load with it off.
+    write_norm: bool = True
     rope_base: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -205,7 +213,7 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
     if v == "mal":
         return MAL(attention(cfg.window, cfg.n_persistent), memory())
     if v == "mac":
-        return MAC(attention(None, cfg.n_persistent), memory(), cfg.segment_len)
+        return MAC(attention(None, cfg.n_persistent), memory(), cfg.segment_len, write_norm=cfg.write_norm)
     if v == "gated_deltanet":
         from .blocks.gated_deltanet import GatedDeltaNet
 

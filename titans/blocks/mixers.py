@@ -141,12 +141,15 @@ class MAC(nn.Module):
     token i sees every persistent slot, the memory tokens h_j and the tokens S_j for j <= i of its
     segment. Segments are aligned to stream positions 0, C, 2C, ..."""
 
-    def __init__(self, attention: Attention, memory: NeuralMemory, segment_len: int):
+    def __init__(self, attention: Attention, memory: NeuralMemory, segment_len: int, *,
+                 write_norm: bool = True):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"MAC: segment_len must be >= 1, got {segment_len}")
         self.attention, self.memory, self.segment_len = attention, memory, segment_len
         self.gate = Gate(attention.dim)
+        # the memory writes RMSNorm(y), not y (TitansConfig.write_norm says why)
+        self.write_norm = nn.RMSNorm(attention.dim, eps=1e-6) if write_norm else None
 
     def init_state(self, batch_size: int) -> MACState:
         mem = self.memory.init_state(batch_size)
@@ -199,7 +202,7 @@ class MAC(nn.Module):
                                            attn_mask=torch.cat(mask, 1))
         y = attn.out(rearrange(y, "b h t d -> b t (h d)"))
         # 3-4. write y into the memory and read it back, token by token (exact, SPEC §2)
-        m, mem = self.memory(y, st.memory)
+        m, mem = self.memory(y if self.write_norm is None else self.write_norm(y), st.memory)
         out = self.gate(y, m)
         position = st.position + T
         if position % self.segment_len == 0:  # segment closed: the next one reads the state now
