@@ -59,6 +59,10 @@ def main() -> None:
         if (saved["preset"], saved["variant"], saved["piece"]) != (args.preset, args.variant, args.piece):
             p.error(f"--resume: {ckpt} holds {saved['preset']} {saved['variant']} pieces of "
                     f"{saved['piece']}, not {args.preset} {args.variant} pieces of {args.piece}")
+        # the model the stream started with: its config travels in the checkpoint (one from before
+        # that is a preset model written before TitansConfig.write_norm existed)
+        cfg = saved.get("config") or {**model.config.to_dict(), "write_norm": False}
+        model = TitansLM(TitansConfig.from_dict(cfg)).eval()
         model.load_state_dict(saved["model"])
         g.set_state(saved["generator"])
         state, seen, rows = saved["state"], saved["seen"], saved["rows"]
@@ -106,7 +110,7 @@ def save_checkpoint(path: Path, args, model, g, state, seen: int, rows: list[dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")  # write then rename: a run killed mid-save keeps the previous one
     torch.save({"preset": args.preset, "variant": args.variant, "piece": args.piece,
-                "model": model.state_dict(), "generator": g.get_state(), "state": state,
+                "config": model.config.to_dict(), "model": model.state_dict(), "generator": g.get_state(), "state": state,
                 "seen": seen, "rows": rows}, tmp)
     tmp.replace(path)
 

@@ -46,7 +46,8 @@ def test_long_stream_writes_its_rows_and_says_when_a_time_limit_stopped_it(tmp_p
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "long_stream.py"
-    base = [sys.executable, str(script), "--preset", "tiny", "--piece", "512", "--report", "1024"]
+    base = [sys.executable, str(script), "--preset", "tiny", "--piece", "512", "--report", "1024",
+            "--checkpoint", str(tmp_path / "stream.pt")]
     done = subprocess.run(base + ["--tokens", "2560", "--out", str(tmp_path / "all")], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -60,3 +61,32 @@ def test_long_stream_writes_its_rows_and_says_when_a_time_limit_stopped_it(tmp_p
     assert "Stopped by --max-minutes" in (tmp_path / "cut.md").read_text()
     bad = subprocess.run(base + ["--tokens", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tokens, --piece and --report must be >= 1" in bad.stderr
+
+
+def test_long_stream_resumed_over_legs_ends_in_the_state_of_one_run(tmp_path):
+    """--resume goes on from the checkpoint (model config, weights, stream state, generator) and
+    ends exactly where an uninterrupted stream does."""
+    import subprocess
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "long_stream.py"
+    base = [sys.executable, str(script), "--preset", "tiny", "--piece", "384", "--report", "768"]
+
+    def stream(name: str, tokens: int, *extra: str) -> dict:
+        ckpt = tmp_path / f"{name}.pt"
+        done = subprocess.run(base + ["--tokens", str(tokens), "--out", str(tmp_path / name),
+                                      "--checkpoint", str(ckpt), *extra], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return torch.load(ckpt, weights_only=False)
+
+    whole = stream("whole", 2304)
+    stream("legs", 768)
+    legs = stream("legs", 2304, "--resume")
+    assert legs["seen"] == whole["seen"] == 2304 and [r["leg"] for r in legs["rows"]] == [0, 1, 1]
+    assert legs["config"] == whole["config"] and legs["config"]["variant"] == "mac"
+    a, b = whole["state"].layers[0].memory.memory, legs["state"].layers[0].memory.memory
+    assert a.position == b.position == 2304
+    for wa, wb in zip(a.weights, b.weights):
+        torch.testing.assert_close(wa, wb, rtol=0, atol=0)
