@@ -84,3 +84,27 @@ def test_answer_prior_of_the_room_tasks_is_uniform_over_six_rooms():
     room = out["rows"][0]["entropy_nats"] / out["rows"][0]["answer_tokens"]
     qa5 = out["rows"][4]["entropy_nats"] / out["rows"][4]["answer_tokens"]
     assert min(room, qa5) < out["mix_loss_per_answer_token"] < max(room, qa5)
+
+
+def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
+    """experiments/passkey_probe.py on a saved tiny model: the numbers lie in their ranges, the floor
+    is 5 ln 10 per example spread over the answer's tokens, and --pad-to changes what is read."""
+    import passkey_probe
+    import torch
+
+    from titans import TitansConfig, TitansLM
+    from titans.checkpoint import save_checkpoint
+    from titans.data.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="transformer", dim=32, n_layers=1, n_heads=2,
+                                              mlp_hidden=64))
+    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=model.config, train_config={},
+                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    plain = passkey_probe.probe(str(tmp_path / "run"), 112, 3)
+    padded = passkey_probe.probe(str(tmp_path / "run"), 112, 3, pad_to=129)
+    for r in (plain, padded):
+        assert 0 <= r["digit_accuracy_teacher_forced"] <= 1 and r["answer_loss_nats_per_token"] > 0
+    assert plain["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 6)  # " ddddd"
+    assert padded["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 7)  # + separator
+    assert padded["answer_loss_nats_per_token"] != pytest.approx(plain["answer_loss_nats_per_token"])
