@@ -110,8 +110,8 @@ def save_checkpoint(path: Path, args, model, g, state, seen: int, rows: list[dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")  # write then rename: a run killed mid-save keeps the previous one
     torch.save({"preset": args.preset, "variant": args.variant, "piece": args.piece,
-                "config": model.config.to_dict(), "model": model.state_dict(), "generator": g.get_state(), "state": state,
-                "seen": seen, "rows": rows}, tmp)
+                "config": model.config.to_dict(), "model": model.state_dict(), "generator": g.get_state(),
+                "state": state, "seen": seen, "rows": rows}, tmp)
     tmp.replace(path)
 
 
