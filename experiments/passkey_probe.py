@@ -6,10 +6,13 @@ examples at one length.
 
 A model that has learned only the answer's format (five digits after " ") pays about ln 10 = 2.30
 nats per digit and gets a tenth of the digits right; one that copies the needle pays ~0 and gets
-them all. Exact match (what `titans eval` scores) needs all five digits of the greedy continuation
-right, so it stays at zero long after this probe shows the copy forming. Each example is the
-pass-key prompt of `--length` tokens followed by its answer, read in one forward pass; the needle's
-depth is drawn per example (seeded).
+them all. `key_influence` asks the question before that: does anything of the needle reach the
+answer at all? It is the total variation between the first answer digit's predicted distributions
+for the prompt and for the same prompt with every digit of the key changed (0: the answer ignores
+the needle; 1: it follows it). Exact match (what `titans eval` scores) needs all five digits of the
+greedy continuation right, so it stays at zero long after this probe shows the copy forming. Each
+example is the pass-key prompt of `--length` tokens followed by its answer, read in one forward pass;
+the needle's depth is drawn per example (seeded).
 
 `--pad-to N` lays each example out as a training row of `data.task_mix` is: left-padded with the
 document separator to N tokens (a row of seq_len S holds S + 1 tokens: `--pad-to 129` for
@@ -32,15 +35,24 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
     from titans.tasks.niah import make_niah
 
     model, tokenizer = load(checkpoint)
-    nats, tokens, digits, right, exact = 0.0, 0, 0, 0, 0
+    nats, tokens, digits, right, exact, influence = 0.0, 0, 0, 0, 0, 0.0
     with torch.no_grad():
         for i in range(examples):
             ex = make_niah("single_1", length, None, tokenizer=tokenizer, seed=seed + i)
+            key = ex.answer.strip()
+            # the same prompt with every digit of the key changed (d -> d + 5 mod 10)
+            changed = ex.prompt.replace(key, "".join(str((int(c) + 5) % 10) for c in key))
             prompt, answer = tokenizer.encode(ex.prompt), tokenizer.encode(ex.answer)
+            prompt2 = tokenizer.encode(changed)
             if pad_to:  # the training row's layout: separators, prompt, answer, separator
                 prompt = [tokenizer.eos_id] * max(0, pad_to - len(prompt) - len(answer) - 1) + prompt
+                prompt2 = [tokenizer.eos_id] * max(0, pad_to - len(prompt2) - len(answer) - 1) + prompt2
                 answer = answer + [tokenizer.eos_id]
             logits, _ = model(torch.tensor([prompt + answer]))
+            j = next(i for i, t in enumerate(answer) if tokenizer.decode([t]).strip().isdigit())
+            first = logits[0, len(prompt) - 1 + j].float().softmax(-1)
+            first2 = model(torch.tensor([prompt2 + answer[:j]]))[0][0, -1].float().softmax(-1)
+            influence += 0.5 * (first - first2).abs().sum().item()
             # the logits that predict each answer token: positions len(prompt) - 1 ... end - 1
             pred = logits[0, len(prompt) - 1:-1].float()
             target = torch.tensor(answer)
@@ -60,6 +72,10 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         "digit_accuracy_teacher_forced": right / digits,
         "all_answer_tokens_right_teacher_forced": exact / examples,
         "format_floor_nats_per_token": 5 * math.log(10) * examples / tokens,
+        # total variation between the first answer digit's predicted distributions for the prompt and
+        # for the prompt with the key's digits changed: 0 if nothing of the needle reaches the
+        # answer (whatever the format learned), 1 if the prediction follows the key entirely
+        "key_influence": influence / examples,
     }
 
 

@@ -105,6 +105,7 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
     padded = passkey_probe.probe(str(tmp_path / "run"), 112, 3, pad_to=129)
     for r in (plain, padded):
         assert 0 <= r["digit_accuracy_teacher_forced"] <= 1 and r["answer_loss_nats_per_token"] > 0
+        assert 0 < r["key_influence"] < 1  # a random model: the key moves its prediction, a little
     assert plain["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 6)  # " ddddd"
     assert padded["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 7)  # + separator
     assert padded["answer_loss_nats_per_token"] != pytest.approx(plain["answer_loss_nats_per_token"])
