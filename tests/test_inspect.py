@@ -165,11 +165,12 @@ def test_report_writes_png_html_and_json(mac_result, tmp_path):
     assert f'title="pos {start} ' in doc and "[needle]" in doc
     assert "block 1: surprise" in doc and "alpha" in doc and "theta" in doc
     assert "<script src" not in doc and "<link" not in doc and "data:image/png;base64," in doc
+    assert "median |M(k)|" in doc and f"<td>{mac_result['layers'][0]['value_norm']:.3g}</td>" in doc
     data = json.loads((tmp_path / "inspect.json").read_text())
     assert np.array(data["layers"][1]["surprise"]).shape == (2, T)
     assert data["needle"]["text"] == DEFAULT_NEEDLE
     table = format_table(mac_result)
-    assert "needle" in table and len(table.splitlines()) == 4 + 2 + 2
+    assert "needle" in table and "|M(k)|" in table and len(table.splitlines()) == 4 + 2 + 2
 
 
 def test_a_model_without_neural_memory_gets_a_clear_error():

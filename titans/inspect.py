@@ -537,8 +537,8 @@ def _html(r: dict, png: Path, head: int | None) -> str:
                      f'style="background:{_colour(pct["all blocks"][t])}">{e(piece)}</span>')
     options = "".join(f'<option value="{e(k)}">{e(k)}</option>' for k in pct)
     table = ["<tr><th>block</th><th>mixer</th><th>median surprise</th><th>needle surprise</th><th>ratio</th>"
-             "<th>percentile</th><th>mean α</th><th>mean η</th><th>mean θ</th>"
-             "<th>needle recall err before / after / end</th></tr>"]
+             "<th>percentile</th><th>mean α</th><th>mean η</th><th>mean θ</th><th>median |v|</th>"
+             "<th>median |M(k)|</th><th>needle recall err before / after / end</th></tr>"]
     for m, (_, s) in zip(r["layers"], series):
         st = _needle_stats(s["surprise"], None if nd is None else (nd["start"], nd["end"]))
         rec = " / ".join(f"{v:.3f}" for v in _needle_recall_points(r, s))
@@ -546,7 +546,8 @@ def _html(r: dict, png: Path, head: int | None) -> str:
                      f"<td>{st.get('needle_surprise', math.nan):.4g}</td>"
                      f"<td>{st.get('needle_ratio', math.nan):.2f}</td>"
                      f"<td>{st.get('needle_percentile', math.nan):.0f}</td><td>{s['alpha'].mean():.4f}</td>"
-                     f"<td>{s['eta'].mean():.3f}</td><td>{s['theta'].mean():.3f}</td><td>{rec}</td></tr>")
+                     f"<td>{s['eta'].mean():.3f}</td><td>{s['theta'].mean():.3f}</td>"
+                     f"<td>{m['value_norm']:.3g}</td><td>{m['output_norm']:.3g}</td><td>{rec}</td></tr>")
     img = base64.b64encode(png.read_bytes()).decode() if png.exists() else ""
     pct_json = json.dumps({k: [round(float(p), 3) for p in v] for k, v in pct.items()})
     variant = (r.get("config") or {}).get("variant", "?")
