@@ -68,12 +68,13 @@ def test_streamed_losses_equal_one_forward_pass(model):
 def test_greedy_answer_equals_generate(model):
     tok = ByteTokenizer()
     prompt = "The pass key is 4821. What is the pass key?"
-    got = answer(model, tok, prompt, 12, piece=5)
-    ids = torch.tensor([tok.encode(prompt)])
-    ref = model.generate(ids, 12, temperature=0)[0, ids.shape[1]:].tolist()
-    if tok.eos_id in ref:
-        ref = ref[:ref.index(tok.eos_id)]
-    assert got == tok.decode(ref)
+    for separator in (True, False):  # the prompt read as a document (after the separator) or bare
+        got = answer(model, tok, prompt, 12, piece=5, separator=separator)
+        ids = torch.tensor([[tok.eos_id] * separator + tok.encode(prompt)])
+        ref = model.generate(ids, 12, temperature=0)[0, ids.shape[1]:].tolist()
+        if tok.eos_id in ref:
+            ref = ref[:ref.index(tok.eos_id)]
+        assert got == tok.decode(ref)
 
 
 def test_batched_answers_equal_one_by_one(model):
@@ -88,7 +89,8 @@ def test_batched_answers_equal_one_by_one(model):
     got = answers(model, tok, [short, long], [3, 10], piece=7)
     assert got[1] == answer(model, tok, long, 10, piece=7)
     pad = len(tok.encode(long)) - len(tok.encode(short))
-    logits, state, _ = stream(model, [tok.eos_id] * pad + tok.encode(short), piece=7)
+    # behind its own separator and the padding
+    logits, state, _ = stream(model, [tok.eos_id] * (pad + 1) + tok.encode(short), piece=7)
     assert got[0] == tok.decode(greedy_continue(model, logits, state, 3, {tok.eos_id}))
     with pytest.raises(ValueError, match="one per prompt"):
         answers(model, tok, [short, long], [3])

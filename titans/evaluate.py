@@ -127,17 +127,23 @@ def greedy_continue(model, logits, state, n_tokens: int, stop_ids=()):
     return outs[0] if single else outs
 
 
-def answer(model, tokenizer, prompt: str, max_new_tokens: int, *, piece: int = 2048) -> str:
+def answer(model, tokenizer, prompt: str, max_new_tokens: int, *, piece: int = 2048,
+           separator: bool = True) -> str:
     """The model's greedy continuation of prompt (read on the streaming state)."""
-    return answers(model, tokenizer, [prompt], max_new_tokens, piece=piece)[0]
+    return answers(model, tokenizer, [prompt], max_new_tokens, piece=piece, separator=separator)[0]
 
 
-def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int = 2048) -> list[str]:
+def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int = 2048,
+            separator: bool = True) -> list[str]:
     """Greedy continuations of several prompts, streamed side by side as one batch (much faster
     than one by one where small ops dominate, as with the memory's chunk loop on a CPU). Shorter
     prompts are left-padded with the document separator to the longest one, as training pads its
     task rows; a row's result differs from answering it alone only by those leading separators
     (none when all prompts have the same length, and none for a single prompt).
+    separator: each prompt is read as a document, after the document separator, as every document
+    of the training stream and every task row is (False: from position 0 with nothing before it).
+    The tiny pass-key transformer of the README gets 60% of the answers whole at its training
+    length from position 0 and 95% after the separator.
     max_new_tokens: one count for all, or one per prompt (each row is cut to its own)."""
     if not prompts:
         raise ValueError("evaluate.answers: no prompts")
@@ -145,7 +151,7 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int 
     if len(limits) != len(prompts) or min(limits) < 0:
         raise ValueError(f"evaluate.answers: max_new_tokens must be an int >= 0 or one per prompt "
                          f"({len(prompts)}), got {max_new_tokens}")
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [[tokenizer.eos_id] * separator + tokenizer.encode(p) for p in prompts]
     n = max(len(e) for e in encoded)
     ids = torch.tensor([[tokenizer.eos_id] * (n - len(e)) + e for e in encoded], dtype=torch.long)
     logits, state, _ = stream(model, ids, piece=piece)
@@ -170,7 +176,8 @@ def haystack_text(data_dir: str | Path) -> str:
 
 
 def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_examples: int, haystack: str,
-                   seed: int = 0, piece: int = 2048, batch_size: int = 1, log=print) -> list[dict]:
+                   seed: int = 0, piece: int = 2048, batch_size: int = 1, separator: bool = True,
+                   log=print) -> list[dict]:
     """Accuracy of one text task (a name in titans.tasks.TASKS) at each length; depths are spread
     evenly over the examples (RULER). batch_size > 1 streams that many examples side by side
     (`answers`: shorter prompts get up to haystack.TOLERANCE leading separators)."""
@@ -190,7 +197,8 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
             exs = [TASKS[task](length, haystack=haystack, tokenizer=tokenizer, seed=seed + i, depth=d)
                    for i, d in zip(idx, depths, strict=True)]
             n_answer = [len(tokenizer.encode(ex.answer)) + 4 for ex in exs]
-            got = answers(model, tokenizer, [ex.prompt for ex in exs], n_answer, piece=piece)
+            got = answers(model, tokenizer, [ex.prompt for ex in exs], n_answer, piece=piece,
+                          separator=separator)
             for i, depth, ex, g in zip(idx, depths, exs, got, strict=True):
                 ok = score(ex, g)
                 correct += ok
@@ -311,7 +319,8 @@ def eval_lambada(model, tokenizer, data_dir, *, n_examples: int, context_tokens:
     exs = lambada_examples(haystack_text(data_dir), n_examples, context_tokens, tokenizer, seed)
     correct = 0
     for ctx, word in exs:
-        got = answer(model, tokenizer, ctx, len(tokenizer.encode(word)) + 2, piece=piece)
+        # a passage cut from inside a book: no document separator before it
+        got = answer(model, tokenizer, ctx, len(tokenizer.encode(word)) + 2, piece=piece, separator=False)
         correct += got.startswith(word) and not got[len(word):len(word) + 1].isalpha()
     acc = correct / max(len(exs), 1)
     log(f"lambada: {correct}/{len(exs)} last words right ({context_tokens}-token contexts)")
@@ -385,11 +394,12 @@ def write_report(result: dict, out_dir: Path) -> dict:
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
              out_dir: str | Path | None = None, command: str = "", device: str = "cpu", batch_size: int = 1,
-             cuda_graphs: bool = False, log=print) -> dict:
+             cuda_graphs: bool = False, separator: bool = True, log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N.
     batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR).
-    cuda_graphs: run the memory's chunk loops as CUDA graphs (titans.memory.graph_chunks; CUDA only)."""
+    cuda_graphs: run the memory's chunk loops as CUDA graphs (titans.memory.graph_chunks; CUDA only).
+    separator: the needle and bAbI prompts are read after the document separator (`answers`)."""
     from .memory import chunks_graphed, graph_chunks
 
     if n_examples < 1 or max_tokens < 2 or piece < 1 or batch_size < 1:
@@ -403,14 +413,14 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
         graph_chunks()
     try:
         return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
-                         command, target, batch_size, log)
+                         command, target, batch_size, separator, log)
     finally:
         if graph_here:
             graph_chunks(False)
 
 
 def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir, command,
-              target, batch_size, log) -> dict:
+              target, batch_size, separator, log) -> dict:
     from .checkpoint import open_checkpoint
     from .model import count_parameters
 
@@ -427,7 +437,8 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
         for name in names:
             haystack = haystack if haystack is not None else haystack_text(data_dir)
             rows += eval_text_task(model, tokenizer, name, lengths, n_examples=n_examples, haystack=haystack,
-                                   seed=seed, piece=piece, batch_size=batch_size, log=log)
+                                   seed=seed, piece=piece, batch_size=batch_size, separator=separator,
+                                   log=log)
         if task == "mqar":
             rows += eval_mqar(model, lengths, n_examples=n_examples, seed=seed, piece=piece,
                               batch_size=batch_size, log=log)
@@ -440,8 +451,8 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
                                  log=log)
     result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
               "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
-              "max_tokens": max_tokens, "device": str(target), "batch_size": batch_size, "command": command,
-              "rows": rows}
+              "max_tokens": max_tokens, "device": str(target), "batch_size": batch_size,
+              "separator": separator, "command": command, "rows": rows}
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
     result["paths"] = write_report(result, out)
     return result
@@ -469,6 +480,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="niah / babilong / mqar: examples streamed side by side (2x faster at 8 for "
                              "the tiny MAC on a CPU); shorter prompts get up to 32 leading document "
                              "separators (default: 1, each example alone)")
+    parser.add_argument("--no-separator", action="store_true",
+                        help="niah / babilong: read each prompt from position 0 with nothing before it, as "
+                             "evaluations before 2026-11-27 did (default: after the document separator, "
+                             "as every document and task row is in training)")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="run the memory's chunk loops as CUDA graphs (4-8x faster on a GPU; same "
@@ -494,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
                       n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
                       out_dir=args.out, command=command, device=args.device, batch_size=args.batch_size,
-                      cuda_graphs=args.cuda_graphs)
+                      cuda_graphs=args.cuda_graphs, separator=not args.no_separator)
     print(Path(result["paths"]["md"]).read_text())
     print("Wrote " + ", ".join(result["paths"].values()))
     return 0
