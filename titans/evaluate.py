@@ -142,8 +142,8 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int 
     (none when all prompts have the same length, and none for a single prompt).
     separator: each prompt is read as a document, after the document separator, as every document
     of the training stream and every task row is (False: from position 0 with nothing before it).
-    The tiny pass-key transformer of the README gets 60% of the answers whole at its training
-    length from position 0 and 95% after the separator.
+    The tiny pass-key transformer of the README answers 60% of its training-length needles from
+    position 0 and 75% after the separator.
     max_new_tokens: one count for all, or one per prompt (each row is cut to its own)."""
     if not prompts:
         raise ValueError("evaluate.answers: no prompts")
@@ -151,7 +151,8 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int 
     if len(limits) != len(prompts) or min(limits) < 0:
         raise ValueError(f"evaluate.answers: max_new_tokens must be an int >= 0 or one per prompt "
                          f"({len(prompts)}), got {max_new_tokens}")
-    encoded = [[tokenizer.eos_id] * separator + tokenizer.encode(p) for p in prompts]
+    lead = [tokenizer.eos_id] if separator else []
+    encoded = [lead + tokenizer.encode(p) for p in prompts]
     n = max(len(e) for e in encoded)
     ids = torch.tensor([[tokenizer.eos_id] * (n - len(e)) + e for e in encoded], dtype=torch.long)
     logits, state, _ = stream(model, ids, piece=piece)
