@@ -64,8 +64,8 @@ def test_mac_memory_tokens_never_carry_the_future():
 
 
 def test_mac_writes_the_rms_normalised_attention_output():
-    """With write_norm (the default) the memory of a MAC block receives RMSNorm(y), y the attention
-    output; without it, y itself: the two models differ only there."""
+    """With write_norm the memory of a MAC block receives RMSNorm(y), y the attention output; without
+    it (the default), y itself: the two models differ only there."""
     seen = {}
     tokens = torch.randint(0, 256, (1, 13), generator=torch.Generator().manual_seed(4))
     for flag in (True, False):

@@ -71,13 +71,15 @@ class TitansConfig:
     # NeuralMemory's docstring and README "Training")
     forget_to: str = "zero"
     # MAC: RMSNorm (learnable weight) on the attention output before the memory writes it and reads
-    # it back. The block's pre-norm gives LMM, MAG and MAL normalised memory inputs; MAC's write input
-    # is the attention's output projection, whose scale training is free to grow. Without the norm
-    # the tiny MAC's write inputs grew to norms of 27-670 (values 11-500) while the deep memory's
-    # output M(k) - k = gamma LN(h) + beta has a fixed norm of ~6: the memory could fit none of
-    # its values (recall error 0.92-1.04 of ||v||^2) and carried nothing across segments.
-    # Checkpoints from before this field load with it off.
-    write_norm: bool = True
+    # it back (SPEC §4 writes the output as it is: off by default). The block's pre-norm gives LMM,
+    # MAG and MAL normalised memory inputs; MAC's write input is the attention's output projection,
+    # whose scale training is free to grow. In a tiny MAC trained on the pass key without it, the
+    # write inputs grew to norms of 27-670 (values 11-500) while the deep memory's output has a
+    # norm of ~6: the memory fitted nothing and no trace of the needle reached the answer; with it,
+    # the key's first digit crossed through the memory from about 2M tokens on. On language
+    # modelling it cost 0.13 bits/byte at 0.4M tokens (the demo, one seed). README "Why the tiny
+    # MAC carried nothing".
+    write_norm: bool = False
     rope_base: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02

@@ -142,13 +142,13 @@ class MAC(nn.Module):
     segment. Segments are aligned to stream positions 0, C, 2C, ..."""
 
     def __init__(self, attention: Attention, memory: NeuralMemory, segment_len: int, *,
-                 write_norm: bool = True):
+                 write_norm: bool = False):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"MAC: segment_len must be >= 1, got {segment_len}")
         self.attention, self.memory, self.segment_len = attention, memory, segment_len
         self.gate = Gate(attention.dim)
-        # the memory writes RMSNorm(y), not y (TitansConfig.write_norm says why)
+        # write_norm: the memory writes RMSNorm(y), not y (TitansConfig.write_norm says when and why)
         self.write_norm = nn.RMSNorm(attention.dim, eps=1e-6) if write_norm else None
 
     def init_state(self, batch_size: int) -> MACState:
