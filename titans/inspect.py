@@ -225,14 +225,14 @@ def measure_memory(mem: NeuralMemory, inputs: dict, needle: tuple[int, int] | No
     sample_err = np.full((H, len(checkpoints)), np.nan)
     stops = sorted(set(range(0, T, b)) | set(checkpoints) | {0, T})
     W = tuple(w.detach().unsqueeze(0) for w in mem.weights)  # W_0, (1, H, ., .)
+    ln_w = None if ln is None else tuple(t.detach().to(W[0].dtype) for t in ln)  # in W's dtype, once
     state = None
     with torch.no_grad():
         for p, nxt in zip(stops, stops[1:] + [None]):
             if p % b == 0 and p < T:  # a chunk starts: its gradients are all taken at W_p
                 surprise[:, p:p + b] = inner_grad_norm(W, k[:, p:p + b], v[:, p:p + b], ln)
-                kc = k[:, p:p + b].to(W[0].dtype).unsqueeze(0)
-                ln_c = None if ln is None else tuple(t.detach().to(kc.dtype) for t in ln)
-                out_norm[:, p:p + b] = memory_apply(kc, W, ln_c)[0].norm(dim=-1)
+                out_norm[:, p:p + b] = memory_apply(k[:, p:p + b].to(W[0].dtype).unsqueeze(0), W,
+                                                    ln_w)[0].norm(dim=-1)
             if p in checkpoints:
                 c = checkpoints.index(p)
                 if needle is not None and (p == needle[0] or p >= needle[1]):

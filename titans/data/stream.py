@@ -156,17 +156,20 @@ class TaskMix:
             mid = (lo + hi) // 2
             try:
                 for seed in range(3):
-                    self.makers[i](mid, haystack=self.haystack, tokenizer=self.tokenizer, seed=seed,
-                                   depth=0.5)
+                    self._example(i, mid, seed, 0.5)
                 hi = mid
             except ValueError:
                 lo = mid + 1
         return min(self.longest, max(self.seq_len // 2, lo + 8))
 
+    def _example(self, i: int, length: int, seed: int, depth: float):
+        """Task i's example of a prompt of `length` tokens (ValueError if it does not fit)."""
+        return self.makers[i](length, haystack=self.haystack, tokenizer=self.tokenizer, seed=seed,
+                              depth=depth)
+
     def _make(self, i: int, seed: int, depth: float, length: int | None = None):
         try:
-            return self.makers[i](length or self.longest, haystack=self.haystack, tokenizer=self.tokenizer,
-                                  seed=seed, depth=depth)
+            return self._example(i, length or self.longest, seed, depth)
         except ValueError as e:
             if length is not None:  # a drawn length too short for this example: the longest fits
                 return self._make(i, seed, depth)
