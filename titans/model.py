@@ -74,12 +74,11 @@ class TitansConfig:
     # it back (SPEC §4 writes the output as it is: off by default). The block's pre-norm gives LMM,
     # MAG and MAL normalised memory inputs; MAC's write input is the attention's output projection,
     # whose scale training is free to grow. In a tiny MAC trained on the pass key without it, the
-    # write inputs grew to norms of 27-670 (values 11-500) while the deep memory's output has a
-    # norm of ~6: the memory fitted nothing and no trace of the needle reached the answer; with it,
-    # the needle reached the answer through the memory from about 2M tokens on (by 6M, the key's
-    # first digit for 4 of the 10 digit values). On language
-    # modelling it cost 0.13 bits/byte at 0.4M tokens (the demo, one seed). README "Why the tiny
-    # MAC carried nothing".
+    # values written grew to norms of 12-450 while the deep memory's output has a norm of ~6: the
+    # memory fitted nothing and no trace of the needle reached the answer; with it, the needle
+    # reached the answer through the memory from about 2M tokens on (by 8M, the key's first digit for
+    # 7 of the 10 digit values). On language modelling it cost 0.13 bits/byte at 0.4M tokens (the
+    # demo, one seed). README "Why the tiny MAC carried nothing".
     write_norm: bool = False
     rope_base: float = 10000.0
     tie_embeddings: bool = False
