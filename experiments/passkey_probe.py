@@ -43,6 +43,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         return [sep] * max(0, pad_to - len(ids) - len(answer)) + ids
 
     nats, tokens, digits, right, exact, influence = 0.0, 0, 0, 0, 0, 0.0
+    prompt_nats, prompt_tokens = 0.0, 0
     by_start: dict[str, list[float]] = {}
     with torch.no_grad():
         for i in range(examples):
@@ -70,6 +71,12 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
             right += int((hits & digit).sum())
             exact += int(hits.all())
             tokens += len(answer)
+            # the prompt's own tokens (after the padding; the first has no context of its own)
+            start = len(prompt) - len(tokenizer.encode(ex.prompt))
+            read = logits[0, start:len(prompt) - 1].float()
+            prompt_nats += torch.nn.functional.cross_entropy(read, torch.tensor(prompt[start + 1:]),
+                                                             reduction="sum").item()
+            prompt_tokens += len(prompt) - 1 - start
     return {
         "checkpoint": checkpoint,
         "length": length,
@@ -79,6 +86,9 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         "digit_accuracy_teacher_forced": right / digits,
         "all_answer_tokens_right_teacher_forced": exact / examples,
         "format_floor_nats_per_token": 5 * math.log(10) * examples / tokens,
+        # next-token loss on the prompt itself (haystack, needle, question): whether the model reads
+        # the text of a prompt of this length at all, before any question of retrieval
+        "prompt_loss_nats_per_token": prompt_nats / prompt_tokens,
         # total variation between the first answer digit's predicted distributions for the prompt and
         # for the prompt with the key's digits changed: 0 if nothing of the needle reaches the
         # answer (whatever the format learned), 1 if the prediction follows the key entirely

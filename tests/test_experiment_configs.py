@@ -109,3 +109,15 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
     assert plain["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 6)  # " ddddd"
     assert padded["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 7)  # + separator
     assert padded["answer_loss_nats_per_token"] != pytest.approx(plain["answer_loss_nats_per_token"])
+    # the prompt's loss, recomputed here from a forward pass on each bare prompt
+    from titans.tasks.niah import make_niah
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(3):
+            ids = torch.tensor([ByteTokenizer().encode(make_niah("single_1", 112, None, seed=i).prompt)])
+            logits = model(ids)[0][0, :-1]
+            nats += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    assert plain["prompt_loss_nats_per_token"] == pytest.approx(nats / count, rel=1e-5)
+    # padded, the prompt sits after separators: the same tokens, read in another context
+    assert padded["prompt_loss_nats_per_token"] != pytest.approx(nats / count, rel=1e-5)
