@@ -12,7 +12,7 @@ for the prompt and for the same prompt with every digit of the key changed (0: t
 the needle; 1: it follows it). Exact match (what `titans eval` scores) needs all five digits of the
 greedy continuation right, so it stays at zero long after this probe shows the copy forming. Each
 example is the pass-key prompt of `--length` tokens followed by its answer, read in one forward pass;
-the needle's depth is drawn per example (seeded).
+the needle's depth is drawn per example (seeded) unless `--depth` fixes it.
 
 `--pad-to N` lays each example out as a training row of `data.task_mix` is: left-padded with the
 document separator to N tokens (a row of seq_len S holds S + 1 tokens: `--pad-to 129` for
@@ -30,7 +30,8 @@ import math
 import torch
 
 
-def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: int = 0) -> dict:
+def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: int = 0,
+          depth: float | None = None) -> dict:
     from titans.checkpoint import load
     from titans.tasks.niah import make_niah
 
@@ -47,7 +48,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
     by_start: dict[str, list[float]] = {}
     with torch.no_grad():
         for i in range(examples):
-            ex = make_niah("single_1", length, None, tokenizer=tokenizer, seed=seed + i)
+            ex = make_niah("single_1", length, depth, tokenizer=tokenizer, seed=seed + i)
             key = ex.answer.strip()
             # the same prompt with every digit of the key changed (d -> d + 5 mod 10)
             changed = ex.prompt.replace(key, "".join(str((int(c) + 5) % 10) for c in key))
@@ -81,6 +82,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         "checkpoint": checkpoint,
         "length": length,
         "pad_to": pad_to,
+        "depth": depth,
         "examples": examples,
         "answer_loss_nats_per_token": nats / tokens,
         "digit_accuracy_teacher_forced": right / digits,
@@ -106,10 +108,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pad-to", type=int, default=0, metavar="N",
                    help="left-pad each example with the document separator to N tokens, as training rows are")
+    p.add_argument("--depth", type=float, default=None,
+                   help="the needle's depth in the context, 0 (start) to 1 (end); default: drawn per example")
     args = p.parse_args()
     if args.length < 100 or args.examples < 1 or args.pad_to < 0:
         p.error("--length must be >= 100 (the needle and question fit), --examples >= 1, --pad-to >= 0")
-    out = probe(args.checkpoint, args.length, args.examples, args.seed, args.pad_to)
+    if args.depth is not None and not 0 <= args.depth <= 1:
+        p.error(f"--depth must lie in [0, 1], got {args.depth}")
+    out = probe(args.checkpoint, args.length, args.examples, args.seed, args.pad_to, args.depth)
     print(json.dumps(out, indent=1))
 
 

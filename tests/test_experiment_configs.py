@@ -98,7 +98,7 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     model = TitansLM(TitansConfig.from_preset("tiny", variant="transformer", dim=32, n_layers=1, n_heads=2,
-                                              mlp_hidden=64))
+                                              mlp_hidden=64, init_std=0.3))  # far from uniform
     save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=model.config, train_config={},
                     tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
     plain = passkey_probe.probe(str(tmp_path / "run"), 112, 3)
@@ -109,15 +109,24 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
     assert plain["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 6)  # " ddddd"
     assert padded["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 7)  # + separator
     assert padded["answer_loss_nats_per_token"] != pytest.approx(plain["answer_loss_nats_per_token"])
-    # the prompt's loss, recomputed here from a forward pass on each bare prompt
+    # the prompt's loss, recomputed here from a forward pass on each bare prompt (needles drawn, and
+    # all at depth 0: the depth reaches the examples)
     from titans.tasks.niah import make_niah
-    nats, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(3):
-            ids = torch.tensor([ByteTokenizer().encode(make_niah("single_1", 112, None, seed=i).prompt)])
-            logits = model(ids)[0][0, :-1]
-            nats += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            count += ids.shape[1] - 1
-    assert plain["prompt_loss_nats_per_token"] == pytest.approx(nats / count, rel=1e-5)
+
+    def prompt_loss(examples, depth):
+        nats, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(examples):
+                ids = torch.tensor([ByteTokenizer().encode(make_niah("single_1", 112, depth, seed=i).prompt)])
+                logits = model(ids)[0][0, :-1]
+                nats += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+                count += ids.shape[1] - 1
+        return nats / count
+
+    assert plain["prompt_loss_nats_per_token"] == pytest.approx(prompt_loss(3, None), rel=1e-5)
+    shallow = passkey_probe.probe(str(tmp_path / "run"), 112, 2, depth=0.0)
+    assert shallow["depth"] == 0.0
+    assert shallow["prompt_loss_nats_per_token"] == pytest.approx(prompt_loss(2, 0.0), rel=1e-5)
+    assert prompt_loss(2, 0.0) != pytest.approx(prompt_loss(2, None), rel=1e-3)
     # padded, the prompt sits after separators: the same tokens, read in another context
-    assert padded["prompt_loss_nats_per_token"] != pytest.approx(nats / count, rel=1e-5)
+    assert padded["prompt_loss_nats_per_token"] != pytest.approx(prompt_loss(3, None), rel=1e-5)
