@@ -538,6 +538,22 @@ def test_task_mix_rows_score_only_the_answer_and_split_like_the_global_batch(cor
     assert max(prompts) - min(prompts) > 60, prompts
     assert torch.equal(mix.example(5)[0], TaskMix(["niah_single_1", "niah_single_2"], hay, tok, 300, 0.5,
                                                    lengths="fixed").example(5)[0])
+    # place "random": the same examples, the padding split before and after them; only the answer and
+    # its separator are scored, wherever they fall
+    placed = TaskMix(["niah_single_1", "niah_single_2"], hay, tok, 300, 1.0, lengths="varied", place="random")
+    ends = []
+    for seed in range(40):
+        px, py = placed.example(seed)
+        vx, vy = varied.example(seed)
+        scored = (py != -100).nonzero().flatten()
+        assert torch.equal(py[scored], vy[vy != -100])  # the same answer, its separator last
+        assert int(scored[-1]) - int(scored[0]) + 1 == len(scored)  # one run of tokens
+        assert torch.equal(px[px != tok.eos_id], vx[vx != tok.eos_id])  # the same example's tokens
+        assert torch.equal(px[1:], py[:-1].where(py[:-1] != -100, px[1:]))
+        ends.append(int(scored[-1]))
+    assert max(ends) - min(ends) > 60 and ends.count(299) < 10, ends  # not always at the row's end
+    with pytest.raises(TitansError, match="task_place must be 'end' or 'random'"):
+        TaskMix(["niah_single_1"], hay, tok, 300, 0.5, place="middle")
     with pytest.raises(TitansError, match="task_lengths must be 'fixed' or 'varied'"):
         TaskMix(["niah_single_1"], hay, tok, 300, 0.5, lengths="random")
     with pytest.raises(TitansError, match="unknown task"):

@@ -59,6 +59,8 @@ class DataConfig:
     task_mix: float = 0.5      # fraction of rows that are task examples when tasks is set
     task_loss: str = "answer"  # answer: score only the answer tokens of task rows; all: every token
     task_lengths: str = "fixed"  # fixed: every task prompt seq_len - 16 tokens; varied: drawn per row
+    task_place: str = "end"    # end: the answer ends the row; random: the row's padding split at random
+                               # before and after the example, so the answer falls anywhere in a segment
 
 
 @dataclass
@@ -438,7 +440,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
 
             haystack = "\n\n".join(doc.text for doc in load_documents(d.dir, "train"))
             task_mix = TaskMix([n.strip() for n in d.tasks.split(",") if n.strip()], haystack, tokenizer,
-                               d.seq_len, d.task_mix, d.task_loss, d.task_lengths)
+                               d.seq_len, d.task_mix, d.task_loss, d.task_lengths, d.task_place)
 
         ckpt = None
         if resume:

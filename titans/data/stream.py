@@ -123,10 +123,13 @@ class TaskMix:
     (left-padded with the document separator; its prompt seq_len - 16 tokens, or with lengths
     "varied" a length drawn per row between about half of that and all of it) whose answer is
     followed by the separator, so the model learns where an answer ends; with loss "answer" only
-    the answer tokens and that separator are scored, with "all" every token is."""
+    the answer tokens and that separator are scored, with "all" every token is. With place "random"
+    the row's padding is split at random between before the example and after it, so the answer does
+    not always end the row (a model with segments, MAC, otherwise sees every answer at one place in
+    its segment)."""
 
     def __init__(self, names: list[str], haystack: str, tokenizer, seq_len: int, fraction: float,
-                 loss: str = "answer", lengths: str = "fixed"):
+                 loss: str = "answer", lengths: str = "fixed", place: str = "end"):
         from ..tasks import TASKS
 
         unknown = [n for n in names if n not in TASKS]
@@ -139,9 +142,12 @@ class TaskMix:
             raise TitansError(f"data.task_loss must be 'answer' or 'all', got {loss!r}")
         if lengths not in ("fixed", "varied"):
             raise TitansError(f"data.task_lengths must be 'fixed' or 'varied', got {lengths!r}")
+        if place not in ("end", "random"):
+            raise TitansError(f"data.task_place must be 'end' or 'random', got {place!r}")
         self.makers = [TASKS[n] for n in names]
         self.names, self.haystack, self.tokenizer = names, haystack, tokenizer
-        self.seq_len, self.fraction, self.loss, self.lengths = seq_len, fraction, loss, lengths
+        self.seq_len, self.fraction, self.loss = seq_len, fraction, loss
+        self.lengths, self.place = lengths, place
         self.longest = seq_len - 16  # prompt tokens; the rest of the row is for the answer
         for i in range(len(names)):  # a task that cannot fit seq_len fails here, not at some step
             for seed in range(3):
@@ -189,10 +195,13 @@ class TaskMix:
         prompt, ans = tok.encode(ex.prompt), tok.encode(ex.answer) + [tok.eos_id]
         ids = (prompt + ans)[-(self.seq_len + 1):]
         pad = self.seq_len + 1 - len(ids)
-        ids = torch.tensor([tok.eos_id] * pad + ids)
+        after = int(rng.integers(pad + 1)) if self.place == "random" else 0
+        ids = torch.tensor([tok.eos_id] * (pad - after) + ids + [tok.eos_id] * after)
         y = ids[1:].clone()
-        if self.loss == "answer":
-            y[: len(y) - len(ans)] = -100
+        if self.loss == "answer":  # the answer and its separator: y[end - len(ans):end]
+            end = len(y) - after
+            y[: end - len(ans)] = -100
+            y[end:] = -100
         return ids[:-1], y
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, *, seed: int, step: int, micro: int = 0,
