@@ -16,11 +16,12 @@ the needle's depth is drawn per example (seeded) unless `--depth` fixes it.
 
 `--pad-to N` lays each example out as a training row of `data.task_mix` is: left-padded with the
 document separator to N tokens (a row of seq_len S holds S + 1 tokens: `--pad-to 129` for
-`data.seq_len=128`), the answer followed by the separator. `--pad-to` the length plus 8 puts one
-separator before the prompt, as `titans eval` reads it; without it the prompt starts at position 0.
+`data.seq_len=128`), the answer followed by the separator. `--pad-to` the length plus 8 puts a few
+separators before the prompt (1 when the prompt has exactly `--length` tokens; make_niah's come in up
+to a few short), close to `titans eval`'s one; without it the prompt starts at position 0.
 A model trained on padded rows can score differently on these (the tiny transformer of the README's
-probe: 100% of the digits at 112 tokens padded, 78% plain; the tiny MAC: 90% padded, 39% after one
-separator, its answers tied to where they fall in a segment).
+probe: 100% of the digits at 112 tokens padded, 78% plain; the tiny MAC: 90% padded, 39% after a few
+separators, its answers tied to where they fall in a segment).
 
 `prompt_loss_nats_per_token` is the next-token loss on the prompt itself: a model that cannot read
 a prompt of this length (filler it never saw, positions past its training length) shows it there
