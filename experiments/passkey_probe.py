@@ -45,9 +45,8 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
     model, tokenizer = load(checkpoint)
     sep = tokenizer.eos_id
 
-    def row(prompt: str, answer: list[int]) -> list[int]:
+    def row(ids: list[int], answer: list[int]) -> list[int]:
         """The prompt's tokens, left-padded with separators so that prompt + answer fill `pad_to`."""
-        ids = tokenizer.encode(prompt)
         return [sep] * max(0, pad_to - len(ids) - len(answer)) + ids
 
     nats, tokens, digits, right, exact, influence = 0.0, 0, 0, 0, 0, 0.0
@@ -62,7 +61,8 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
             answer = tokenizer.encode(ex.answer)
             if pad_to:  # the training row's layout: separators, prompt, answer, separator
                 answer.append(sep)
-            prompt, prompt2 = row(ex.prompt, answer), row(changed, answer)
+            ids = tokenizer.encode(ex.prompt)
+            prompt, prompt2 = row(ids, answer), row(tokenizer.encode(changed), answer)
             logits, _ = model(torch.tensor([prompt + answer]))
             digit = torch.tensor([tokenizer.decode([t]).strip().isdigit() for t in answer])
             j = int(digit.nonzero()[0])  # the first digit of the answer
@@ -80,7 +80,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
             exact += int(hits.all())
             tokens += len(answer)
             # the prompt's own tokens (after the padding; the first has no context of its own)
-            start = len(prompt) - len(tokenizer.encode(ex.prompt))
+            start = len(prompt) - len(ids)
             read = logits[0, start:len(prompt) - 1].float()
             prompt_nats += torch.nn.functional.cross_entropy(read, torch.tensor(prompt[start + 1:]),
                                                              reduction="sum").item()

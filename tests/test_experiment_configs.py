@@ -123,10 +123,11 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
                 count += ids.shape[1] - 1
         return nats / count
 
-    assert plain["prompt_loss_nats_per_token"] == pytest.approx(prompt_loss(3, None), rel=1e-5)
+    drawn3, drawn2, shallow2 = prompt_loss(3, None), prompt_loss(2, None), prompt_loss(2, 0.0)
+    assert plain["prompt_loss_nats_per_token"] == pytest.approx(drawn3, rel=1e-5)
     shallow = passkey_probe.probe(str(tmp_path / "run"), 112, 2, depth=0.0)
     assert shallow["depth"] == 0.0
-    assert shallow["prompt_loss_nats_per_token"] == pytest.approx(prompt_loss(2, 0.0), rel=1e-5)
-    assert prompt_loss(2, 0.0) != pytest.approx(prompt_loss(2, None), rel=1e-3)
+    assert shallow["prompt_loss_nats_per_token"] == pytest.approx(shallow2, rel=1e-5)
+    assert shallow2 != pytest.approx(drawn2, rel=1e-3)
     # padded, the prompt sits after separators: the same tokens, read in another context
-    assert padded["prompt_loss_nats_per_token"] != pytest.approx(prompt_loss(3, None), rel=1e-5)
+    assert padded["prompt_loss_nats_per_token"] != pytest.approx(drawn3, rel=1e-5)
