@@ -1,6 +1,7 @@
 """Streaming evaluation: the streamed numbers equal direct computations, tasks run end to end, the
 CLI writes its report and refuses bad input in one line."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from titans.evaluate import (
     eval_position,
     eval_ppl,
     eval_text_task,
+    graded_answers,
     greedy_continue,
     lambada_examples,
     parse_lengths,
@@ -98,6 +100,44 @@ def test_batched_answers_equal_one_by_one(model):
         answers(model, tok, [], 3)
 
 
+def test_graded_answers_equal_one_forward_pass(model):
+    """The teacher-forced answer loss and hits equal one forward pass over the padded rows with the
+    targets appended; fed its own greedy answer, a model gets every token right; the greedy part is
+    `answers`' own."""
+    tok = ByteTokenizer()
+    prompts = ["Where is Mary?", "Mary went to the kitchen. Where is Mary?"]
+    targets = [" kitchen", " 42"]
+    got = graded_answers(model, tok, prompts, targets, piece=5)
+    assert [g["generated"] for g in got] == answers(model, tok, prompts, [12, 7], piece=5)
+    n = max(len(tok.encode(p)) for p in prompts) + 1
+    for p, t, g in zip(prompts, targets, got, strict=True):
+        head = [tok.eos_id] * (n - len(tok.encode(p))) + tok.encode(p)
+        goal = tok.encode(t)
+        logits, _ = model(torch.tensor([head + goal]))
+        pred = logits[0, len(head) - 1:-1].float()
+        nats = F.cross_entropy(pred, torch.tensor(goal), reduction="sum").item()
+        assert g["answer_tokens"] == len(goal)
+        assert g["answer_nats"] == pytest.approx(nats, rel=1e-4)
+        assert g["answer_right"] == int((pred.argmax(-1) == torch.tensor(goal)).sum())
+    # fed its own greedy answer, every token is the argmax (a head that can only write letters, so
+    # that the answer survives decoding and encoding again)
+    letters = copy.deepcopy(model)
+    with torch.no_grad():
+        keep = torch.zeros(256, dtype=torch.bool)
+        keep[ord("a"):ord("z") + 1] = True
+        letters.head.weight[~keep] = 0.0
+        letters.head.weight[keep] *= 50.0
+    mine = [g["generated"][:5] for g in graded_answers(letters, tok, prompts, targets, piece=5)]
+    assert all(len(m) == 5 and m.isalpha() for m in mine)
+    own = graded_answers(letters, tok, prompts, mine, piece=5)
+    assert [o["answer_right"] for o in own] == [5, 5]
+    assert all(o["answer_nats"] > 0 for o in own)
+    with pytest.raises(ValueError, match="one target per prompt"):
+        graded_answers(model, tok, prompts, targets[:1])
+    with pytest.raises(ValueError, match="at least one token"):
+        graded_answers(model, tok, prompts, ["", " 7"])
+
+
 def test_batched_stream_rows_equal_single_rows(model):
     ids = torch.randint(0, 256, (3, 40))
     last, _, _ = stream(model, ids, piece=9)
@@ -135,6 +175,7 @@ def test_text_task_rows(model, corpus_dir):
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 2 and len(r["samples"]) == 2
         assert all(s["answer"].strip().isdigit() for s in r["samples"])
+        assert 0 <= r["answer_token_accuracy"] <= 1 and r["answer_loss"] > 0
     kw = dict(n_examples=3, haystack=haystack_text(corpus_dir), log=lambda *a: None)
     solo = eval_text_task(model, ByteTokenizer(), "babilong_qa1", [400], **kw)
     side = eval_text_task(model, ByteTokenizer(), "babilong_qa1", [400], batch_size=2, **kw)

@@ -151,13 +151,59 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int 
     if len(limits) != len(prompts) or min(limits) < 0:
         raise ValueError(f"evaluate.answers: max_new_tokens must be an int >= 0 or one per prompt "
                          f"({len(prompts)}), got {max_new_tokens}")
+    logits, state = _read_prompts(model, tokenizer, prompts, piece, separator)
+    outs = greedy_continue(model, logits.float(), state, max(limits), {tokenizer.eos_id})
+    return [tokenizer.decode(o[:k]) for o, k in zip(outs, limits, strict=True)]
+
+
+def _read_prompts(model, tokenizer, prompts: list[str], piece: int, separator: bool):
+    """Stream the prompts side by side (left-padded with the separator to the longest, after one
+    separator when `separator`); the last position's logits (B, V) and the state after them."""
     lead = [tokenizer.eos_id] if separator else []
     encoded = [lead + tokenizer.encode(p) for p in prompts]
     n = max(len(e) for e in encoded)
     ids = torch.tensor([[tokenizer.eos_id] * (n - len(e)) + e for e in encoded], dtype=torch.long)
     logits, state, _ = stream(model, ids, piece=piece)
-    outs = greedy_continue(model, logits.float(), state, max(limits), {tokenizer.eos_id})
-    return [tokenizer.decode(o[:k]) for o, k in zip(outs, limits, strict=True)]
+    return logits, state
+
+
+@torch.no_grad()
+def graded_answers(model, tokenizer, prompts: list[str], targets: list[str], *, piece: int = 2048,
+                   separator: bool = True) -> list[dict]:
+    """Greedy answers plus how close each came, per prompt, read as `answers` reads them:
+    `generated` (the greedy continuation, as many tokens as the target has plus 4), and, with the
+    target's tokens fed back (teacher forcing) on the same state, `answer_nats` (summed next-token
+    loss over the target's tokens), `answer_right` (how many of them are the argmax) and
+    `answer_tokens`. A model that has learned an answer's format but not the needle scores zero
+    exact matches and still shows here how far it got (a pass key's five digits: ln 10 nats and a
+    tenth right each by chance)."""
+    if len(prompts) != len(targets) or not prompts:
+        raise ValueError(f"evaluate.graded_answers: one target per prompt expected, got {len(prompts)} "
+                         f"prompts and {len(targets)} targets")
+    goal = [tokenizer.encode(t) for t in targets]
+    if min(len(g) for g in goal) < 1:
+        raise ValueError("evaluate.graded_answers: every target needs at least one token")
+    logits, state = _read_prompts(model, tokenizer, prompts, piece, separator)
+    logits = logits.float()
+    limits = [len(g) + 4 for g in goal]
+    outs = greedy_continue(model, logits, state, max(limits), {tokenizer.eos_id})
+    # teacher forcing: target tokens 0..n-2 go in after the prompt (right-padded with the separator;
+    # the states are not changed in place, so the greedy pass above started from the same one)
+    n = max(len(g) for g in goal)
+    fed = torch.tensor([g + [tokenizer.eos_id] * (n - len(g)) for g in goal], dtype=torch.long,
+                       device=logits.device)
+    pred = logits[:, None]
+    if n > 1:
+        more, _ = model(fed[:, :-1], state)
+        pred = torch.cat([pred, more.float()], dim=1)  # (B, n, V): the logits for target token i
+    nats = F.cross_entropy(pred.transpose(1, 2), fed, reduction="none")
+    hits = pred.argmax(-1) == fed
+    rows = []
+    for b, g in enumerate(goal):
+        k = len(g)
+        rows.append({"generated": tokenizer.decode(outs[b][:limits[b]]), "answer_tokens": k,
+                     "answer_nats": float(nats[b, :k].sum()), "answer_right": int(hits[b, :k].sum())})
+    return rows
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -191,24 +237,29 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
     rows = []
     for length in lengths:
         correct, t0 = 0, time.perf_counter()
+        nats, right, tokens = 0.0, 0, 0
         samples = []
         for first in range(0, n_examples, batch_size):
             idx = range(first, min(first + batch_size, n_examples))
             depths = [(i + 0.5) / n_examples for i in idx]
             exs = [TASKS[task](length, haystack=haystack, tokenizer=tokenizer, seed=seed + i, depth=d)
                    for i, d in zip(idx, depths, strict=True)]
-            n_answer = [len(tokenizer.encode(ex.answer)) + 4 for ex in exs]
-            got = answers(model, tokenizer, [ex.prompt for ex in exs], n_answer, piece=piece,
-                          separator=separator)
+            got = graded_answers(model, tokenizer, [ex.prompt for ex in exs], [ex.answer for ex in exs],
+                                 piece=piece, separator=separator)
             for i, depth, ex, g in zip(idx, depths, exs, got, strict=True):
-                ok = score(ex, g)
+                ok = score(ex, g["generated"])
                 correct += ok
+                nats += g["answer_nats"]
+                right += g["answer_right"]
+                tokens += g["answer_tokens"]
                 if i < 3:
-                    samples.append({"depth": round(depth, 3), "answer": ex.answer, "generated": g,
-                                    "correct": ok})
+                    samples.append({"depth": round(depth, 3), "answer": ex.answer,
+                                    "generated": g["generated"], "correct": ok})
         rows.append({"task": task, "length": length, "accuracy": correct / n_examples, "n": n_examples,
+                     "answer_token_accuracy": right / tokens, "answer_loss": nats / tokens,
                      "seconds": time.perf_counter() - t0, "samples": samples})
-        log(f"{task:18s} {length_label(length):>6s}: {correct}/{n_examples} correct "
+        log(f"{task:18s} {length_label(length):>6s}: {correct}/{n_examples} correct; teacher-forced "
+            f"{100 * right / tokens:.0f}% of answer tokens, {nats / tokens:.2f} nats/token "
             f"({time.perf_counter() - t0:.0f} s)")
     return rows
 
@@ -353,6 +404,18 @@ def write_report(result: dict, out_dir: Path) -> dict:
             cells = {r["length"]: f"{100 * r['accuracy']:.0f}%" for r in acc if r["task"] == t}
             md.append(f"| {t} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
         md.append("")
+        graded = [r for r in acc if "answer_loss" in r]
+        if graded:
+            md += ["Teacher-forced, the answer's tokens fed back: share of them predicted right / loss in "
+                   "nats per answer token (a format learned without the needle: a pass-key digit costs "
+                   "ln 10 = 2.30 and is right one time in ten)", "",
+                   "| task | " + " | ".join(length_label(n) for n in lengths) + " |",
+                   "|---|" + "---:|" * len(lengths)]
+            for t in dict.fromkeys(r["task"] for r in graded):
+                cells = {r["length"]: f"{100 * r['answer_token_accuracy']:.0f}% / {r['answer_loss']:.2f}"
+                         for r in graded if r["task"] == t}
+                md.append(f"| {t} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
+            md.append("")
     for r in rows:
         if r["task"] == "ppl" and r["document"] == "ALL":
             md += [f"Held-out bits per byte (all test documents, first {result['max_tokens']:,} tokens "
