@@ -110,15 +110,19 @@ def test_graded_answers_equal_one_forward_pass(model):
     got = graded_answers(model, tok, prompts, targets, piece=5)
     assert [g["generated"] for g in got] == answers(model, tok, prompts, [12, 7], piece=5)
     n = max(len(tok.encode(p)) for p in prompts) + 1
-    for p, t, g in zip(prompts, targets, got, strict=True):
-        head = [tok.eos_id] * (n - len(tok.encode(p))) + tok.encode(p)
-        goal = tok.encode(t)
-        logits, _ = model(torch.tensor([head + goal]))
-        pred = logits[0, len(head) - 1:-1].float()
-        nats = F.cross_entropy(pred, torch.tensor(goal), reduction="sum").item()
-        assert g["answer_tokens"] == len(goal)
-        assert g["answer_nats"] == pytest.approx(nats, rel=1e-4)
-        assert g["answer_right"] == int((pred.argmax(-1) == torch.tensor(goal)).sum())
+    aligned = graded_answers(model, tok, prompts, targets, piece=5, align=16)
+    for pad, rows in ((0, got), (-(n + 8) % 16, aligned)):  # 8: the longest target's tokens
+        assert pad > 0 or rows is got
+        for p, t, g in zip(prompts, targets, rows, strict=True):
+            head = [tok.eos_id] * (n + pad - len(tok.encode(p))) + tok.encode(p)
+            goal = tok.encode(t)
+            logits, _ = model(torch.tensor([head + goal]))
+            pred = logits[0, len(head) - 1:-1].float()
+            nats = F.cross_entropy(pred, torch.tensor(goal), reduction="sum").item()
+            assert g["answer_tokens"] == len(goal)
+            assert g["answer_nats"] == pytest.approx(nats, rel=1e-4)
+            assert g["answer_right"] == int((pred.argmax(-1) == torch.tensor(goal)).sum())
+    assert [a["answer_nats"] for a in aligned] != [g["answer_nats"] for g in got]
     # fed its own greedy answer, every token is the argmax (a head that can only write letters, so
     # that the answer survives decoding and encoding again)
     letters = copy.deepcopy(model)
@@ -136,6 +140,8 @@ def test_graded_answers_equal_one_forward_pass(model):
         graded_answers(model, tok, prompts, targets[:1])
     with pytest.raises(ValueError, match="at least one token"):
         graded_answers(model, tok, prompts, ["", " 7"])
+    with pytest.raises(ValueError, match="align must be an int >= 0"):
+        graded_answers(model, tok, prompts, targets, align=-16)
 
 
 def test_batched_stream_rows_equal_single_rows(model):
@@ -230,6 +236,13 @@ def test_eval_cli_writes_the_report(run_dir, corpus_dir, tmp_path, capsys):
     assert "| niah_single_1 |" in md and "bits per byte" in md
     assert (out / "result.png").stat().st_size > 5000
     assert str(out / "result.md") in capsys.readouterr().out
+    assert "Teacher-forced" in md and "--align" not in md
+    # answers laid out to end a block of 16 tokens: recorded in the JSON and said in the report
+    code = cli(["eval", "--checkpoint", str(run_dir), "--task", "niah_single_1", "--lengths", "256",
+                "--examples", "2", "--data", str(corpus_dir), "--align", "16", "--out", str(tmp_path / "al")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "al" / "result.json").read_text())["align"] == 16
+    assert "ends a block of 16 tokens" in (tmp_path / "al" / "result.md").read_text()
 
 
 def test_device_choice_is_validated():
@@ -253,3 +266,5 @@ def test_eval_cli_errors_are_one_line(run_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli(["eval", "--checkpoint", str(run_dir), "--task", "mqar", "--cuda-graphs"]) == 1
     assert "--cuda-graphs needs a CUDA device, got cpu" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(run_dir), "--task", "niah", "--align", "-4"]) == 1
+    assert "--align must be an int >= 0 (0: off), got -4" in capsys.readouterr().err

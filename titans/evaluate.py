@@ -156,12 +156,17 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int 
     return [tokenizer.decode(o[:k]) for o, k in zip(outs, limits, strict=True)]
 
 
-def _read_prompts(model, tokenizer, prompts: list[str], piece: int, separator: bool):
+def _read_prompts(model, tokenizer, prompts: list[str], piece: int, separator: bool, align: int = 0,
+                  answer_tokens: int = 0):
     """Stream the prompts side by side (left-padded with the separator to the longest, after one
-    separator when `separator`); the last position's logits (B, V) and the state after them."""
+    separator when `separator`; with `align`, padded further so that an answer of `answer_tokens`
+    tokens ends a block of `align` tokens); the last position's logits (B, V) and the state after
+    them."""
     lead = [tokenizer.eos_id] if separator else []
     encoded = [lead + tokenizer.encode(p) for p in prompts]
     n = max(len(e) for e in encoded)
+    if align:
+        n += -(n + answer_tokens) % align
     ids = torch.tensor([[tokenizer.eos_id] * (n - len(e)) + e for e in encoded], dtype=torch.long)
     logits, state, _ = stream(model, ids, piece=piece)
     return logits, state
@@ -169,21 +174,27 @@ def _read_prompts(model, tokenizer, prompts: list[str], piece: int, separator: b
 
 @torch.no_grad()
 def graded_answers(model, tokenizer, prompts: list[str], targets: list[str], *, piece: int = 2048,
-                   separator: bool = True) -> list[dict]:
+                   separator: bool = True, align: int = 0) -> list[dict]:
     """Greedy answers plus how close each came, per prompt, read as `answers` reads them:
     `generated` (the greedy continuation, as many tokens as the target has plus 4), and, with the
     target's tokens fed back (teacher forcing) on the same state, `answer_nats` (summed next-token
     loss over the target's tokens), `answer_right` (how many of them are the argmax) and
     `answer_tokens`. A model that has learned an answer's format but not the needle scores zero
     exact matches and still shows here how far it got (a pass key's five digits: ln 10 nats and a
-    tenth right each by chance)."""
+    tenth right each by chance).
+    align > 0: more leading separators, so that the (longest) target ends a block of `align` tokens,
+    as the answer ends a segment in every training row of `data.task_place=end` (a MAC model's
+    answers depend on where they fall in its segment; see the README's pass-key probe)."""
+    if isinstance(align, bool) or not isinstance(align, int) or align < 0:
+        raise ValueError(f"evaluate.graded_answers: align must be an int >= 0 (0: off), got {align!r}")
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"evaluate.graded_answers: one target per prompt expected, got {len(prompts)} "
                          f"prompts and {len(targets)} targets")
     goal = [tokenizer.encode(t) for t in targets]
     if min(len(g) for g in goal) < 1:
         raise ValueError("evaluate.graded_answers: every target needs at least one token")
-    logits, state = _read_prompts(model, tokenizer, prompts, piece, separator)
+    logits, state = _read_prompts(model, tokenizer, prompts, piece, separator, align,
+                                  max(len(g) for g in goal))
     logits = logits.float()
     limits = [len(g) + 4 for g in goal]
     outs = greedy_continue(model, logits, state, max(limits), {tokenizer.eos_id})
@@ -224,7 +235,7 @@ def haystack_text(data_dir: str | Path) -> str:
 
 def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_examples: int, haystack: str,
                    seed: int = 0, piece: int = 2048, batch_size: int = 1, separator: bool = True,
-                   log=print) -> list[dict]:
+                   align: int = 0, log=print) -> list[dict]:
     """Accuracy of one text task (a name in titans.tasks.TASKS) at each length; depths are spread
     evenly over the examples (RULER). batch_size > 1 streams that many examples side by side
     (`answers`: shorter prompts get up to haystack.TOLERANCE leading separators)."""
@@ -245,7 +256,7 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
             exs = [TASKS[task](length, haystack=haystack, tokenizer=tokenizer, seed=seed + i, depth=d)
                    for i, d in zip(idx, depths, strict=True)]
             got = graded_answers(model, tokenizer, [ex.prompt for ex in exs], [ex.answer for ex in exs],
-                                 piece=piece, separator=separator)
+                                 piece=piece, separator=separator, align=align)
             for i, depth, ex, g in zip(idx, depths, exs, got, strict=True):
                 ok = score(ex, g["generated"])
                 correct += ok
@@ -394,6 +405,9 @@ def write_report(result: dict, out_dir: Path) -> dict:
     md = [f"# Evaluation of `{result['checkpoint']}`", "",
           f"variant {result['variant']}, {result['parameters']:,} parameters, trained on "
           f"{result['tokens_seen']:,} tokens; command: `{result['command']}`", ""]
+    if result.get("align"):
+        md += [f"Needle and bAbI prompts padded so that each answer ends a block of {result['align']} tokens "
+               "(`--align`).", ""]
     acc = [r for r in rows if "length" in r]
     if acc:
         lengths = sorted({r["length"] for r in acc})
@@ -458,14 +472,18 @@ def write_report(result: dict, out_dir: Path) -> dict:
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
              out_dir: str | Path | None = None, command: str = "", device: str = "cpu", batch_size: int = 1,
-             cuda_graphs: bool = False, separator: bool = True, log=print) -> dict:
+             cuda_graphs: bool = False, separator: bool = True, align: int = 0, log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N.
     batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR).
     cuda_graphs: run the memory's chunk loops as CUDA graphs (titans.memory.graph_chunks; CUDA only).
-    separator: the needle and bAbI prompts are read after the document separator (`answers`)."""
+    separator: the needle and bAbI prompts are read after the document separator (`answers`).
+    align: needle and bAbI prompts get more leading separators, so that the answer ends a block of
+    `align` tokens (`graded_answers`; 0: off)."""
     from .memory import chunks_graphed, graph_chunks
 
+    if isinstance(align, bool) or not isinstance(align, int) or align < 0:
+        raise TitansError(f"--align must be an int >= 0 (0: off), got {align!r}")
     if n_examples < 1 or max_tokens < 2 or piece < 1 or batch_size < 1:
         raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
                           f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
@@ -477,14 +495,14 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
         graph_chunks()
     try:
         return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
-                         command, target, batch_size, separator, log)
+                         command, target, batch_size, separator, align, log)
     finally:
         if graph_here:
             graph_chunks(False)
 
 
 def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir, command,
-              target, batch_size, separator, log) -> dict:
+              target, batch_size, separator, align, log) -> dict:
     from .checkpoint import open_checkpoint
     from .model import count_parameters
 
@@ -502,7 +520,7 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
             haystack = haystack if haystack is not None else haystack_text(data_dir)
             rows += eval_text_task(model, tokenizer, name, lengths, n_examples=n_examples, haystack=haystack,
                                    seed=seed, piece=piece, batch_size=batch_size, separator=separator,
-                                   log=log)
+                                   align=align, log=log)
         if task == "mqar":
             rows += eval_mqar(model, lengths, n_examples=n_examples, seed=seed, piece=piece,
                               batch_size=batch_size, log=log)
@@ -516,7 +534,7 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
     result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
               "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
               "max_tokens": max_tokens, "device": str(target), "batch_size": batch_size,
-              "separator": separator, "command": command, "rows": rows}
+              "separator": separator, "align": align, "command": command, "rows": rows}
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
     result["paths"] = write_report(result, out)
     return result
@@ -548,6 +566,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="niah / babilong: read each prompt from position 0 with nothing before it, as "
                              "evaluations before 2026-11-27 did (default: after the document separator, "
                              "as every document and task row is in training)")
+    parser.add_argument("--align", type=int, default=0, metavar="N",
+                        help="niah / babilong: more leading separators, so that each answer ends a block "
+                             "of N tokens, as in training rows with data.task_place=end (a MAC model: N = "
+                             "its segment_len; its answers depend on where they fall in a segment; "
+                             "default: 0, off)")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="run the memory's chunk loops as CUDA graphs (4-8x faster on a GPU; same "
@@ -573,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
                       n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
                       out_dir=args.out, command=command, device=args.device, batch_size=args.batch_size,
-                      cuda_graphs=args.cuda_graphs, separator=not args.no_separator)
+                      cuda_graphs=args.cuda_graphs, separator=not args.no_separator, align=args.align)
     print(Path(result["paths"]["md"]).read_text())
     print("Wrote " + ", ".join(result["paths"].values()))
     return 0
