@@ -193,14 +193,13 @@ def graded_answers(model, tokenizer, prompts: list[str], targets: list[str], *, 
     goal = [tokenizer.encode(t) for t in targets]
     if min(len(g) for g in goal) < 1:
         raise ValueError("evaluate.graded_answers: every target needs at least one token")
-    logits, state = _read_prompts(model, tokenizer, prompts, piece, separator, align,
-                                  max(len(g) for g in goal))
+    n = max(len(g) for g in goal)
+    logits, state = _read_prompts(model, tokenizer, prompts, piece, separator, align, n)
     logits = logits.float()
     limits = [len(g) + 4 for g in goal]
     outs = greedy_continue(model, logits, state, max(limits), {tokenizer.eos_id})
     # teacher forcing: target tokens 0..n-2 go in after the prompt (right-padded with the separator;
     # the states are not changed in place, so the greedy pass above started from the same one)
-    n = max(len(g) for g in goal)
     fed = torch.tensor([g + [tokenizer.eos_id] * (n - len(g)) for g in goal], dtype=torch.long,
                        device=logits.device)
     pred = logits[:, None]
@@ -411,25 +410,23 @@ def write_report(result: dict, out_dir: Path) -> dict:
     acc = [r for r in rows if "length" in r]
     if acc:
         lengths = sorted({r["length"] for r in acc})
-        tasks = list(dict.fromkeys(r["task"] for r in acc))
-        md += ["| task | " + " | ".join(length_label(n) for n in lengths) + " |",
-               "|---|" + "---:|" * len(lengths)]
-        for t in tasks:
-            cells = {r["length"]: f"{100 * r['accuracy']:.0f}%" for r in acc if r["task"] == t}
-            md.append(f"| {t} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
-        md.append("")
+
+        def table(rows_: list[dict], cell) -> list[str]:
+            """A task x length markdown table of cell(row)."""
+            out = ["| task | " + " | ".join(length_label(n) for n in lengths) + " |",
+                   "|---|" + "---:|" * len(lengths)]
+            for t in dict.fromkeys(r["task"] for r in rows_):
+                cells = {r["length"]: cell(r) for r in rows_ if r["task"] == t}
+                out.append(f"| {t} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
+            return out + [""]
+
+        md += table(acc, lambda r: f"{100 * r['accuracy']:.0f}%")
         graded = [r for r in acc if "answer_loss" in r]
         if graded:
             md += ["Teacher-forced, the answer's tokens fed back: share of them predicted right / loss in "
                    "nats per answer token (a format learned without the needle: a pass-key digit costs "
-                   "ln 10 = 2.30 and is right one time in ten)", "",
-                   "| task | " + " | ".join(length_label(n) for n in lengths) + " |",
-                   "|---|" + "---:|" * len(lengths)]
-            for t in dict.fromkeys(r["task"] for r in graded):
-                cells = {r["length"]: f"{100 * r['answer_token_accuracy']:.0f}% / {r['answer_loss']:.2f}"
-                         for r in graded if r["task"] == t}
-                md.append(f"| {t} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
-            md.append("")
+                   "ln 10 = 2.30 and is right one time in ten)", ""]
+            md += table(graded, lambda r: f"{100 * r['answer_token_accuracy']:.0f}% / {r['answer_loss']:.2f}")
     for r in rows:
         if r["task"] == "ppl" and r["document"] == "ALL":
             md += [f"Held-out bits per byte (all test documents, first {result['max_tokens']:,} tokens "
