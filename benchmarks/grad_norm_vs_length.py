@@ -9,6 +9,8 @@ by orders of magnitude with T means backprop through the recurrence explodes.
     python benchmarks/grad_norm_vs_length.py                 # needs the corpus: titans data build
     python benchmarks/grad_norm_vs_length.py --variants mac,lmm,mag,mal --set forget_to=init \
         --out benchmarks/results/grad_norm_forget_to_init     # the same with a TitansConfig override
+    python benchmarks/grad_norm_vs_length.py --variants mac --checkpoint out/pk_mac_wn_256 \
+        --set first_order=true --out ...                       # also any saved model (run folder or step)
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def main() -> None:
     p.add_argument("--bptt", type=int, default=256)
     p.add_argument("--data", default="data")
     p.add_argument("--runs", default="out/table1", help="Table-1 run folders (<variant>-s0)")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="also measure this saved model (run folder or checkpoint step; repeatable); "
+                        "rows named by the path")
     p.add_argument("--out", default="benchmarks/results/grad_norm_vs_length")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="TitansConfig override for every model, also the trained ones (e.g. forget_to=init)")
@@ -59,11 +64,14 @@ def main() -> None:
         torch.manual_seed(0)
         models = [("init", TitansLM(TitansConfig.from_preset("tiny", variant=variant, **overrides)))]
         run = Path(args.runs) / f"{variant}-s0"
-        if run.exists():
-            ckpt = open_checkpoint(run)
+        saved = [("trained (Table 1)", run)] if run.exists() else []
+        saved += [(path, Path(path)) for path in args.checkpoint
+                  if open_checkpoint(path).config.variant == variant]
+        for name, path in saved:
+            ckpt = open_checkpoint(path)
             trained = TitansLM(TitansConfig.from_dict({**ckpt.config.to_dict(), **overrides}))
             ckpt.load_weights(trained)
-            models.append(("trained (Table 1)", trained))
+            models.append((name, trained))
         for when, model in models:
             model.train()
             norms = {T: grad_norm(model, tokens, T) for T in lengths}

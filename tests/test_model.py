@@ -87,6 +87,46 @@ def test_mac_writes_the_rms_normalised_attention_output():
     assert (seen[True] - seen[False]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["mac", "lmm", "mag", "mal"])
+def test_gradient_only_options_keep_the_forward_pass(variant):
+    """first_order and detach_write change gradients only: the same weights give bit-identical logits
+    and states, while the gradients differ (each option does something where it applies)."""
+    tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(6))
+    options = [{}, {"first_order": True}] + ([{"detach_write": True}] if variant == "mac" else [])
+    base = make(variant)
+    results = []
+    for opts in options:
+        model = make(variant, **opts)
+        model.load_state_dict(base.state_dict())
+        logits, state = model(tokens)
+        loss = logits.logsumexp(-1).mean() - logits[..., 0].mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        results.append((logits.detach(), state, torch.cat([g.flatten() for g in grads if g is not None])))
+    for opts, (logits, state, grad) in zip(options[1:], results[1:]):
+        torch.testing.assert_close(logits, results[0][0], rtol=0, atol=0)
+        assert state.position == results[0][1].position
+        assert (grad - results[0][2]).norm() > 1e-6 * results[0][2].norm(), opts
+
+
+def test_detach_write_stops_the_write_gradient_into_attention():
+    """With detach_write, a loss on what one MAC block's memory reads back (the first segment, whose
+    memory tokens read the initial weights) sends no gradient into that block's attention; without
+    it, it does."""
+    x = torch.randn(1, 8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for flag in (False, True):
+        mixer = make("mac", detach_write=flag).blocks[0].mixer
+        outs = []
+        handle = mixer.memory.register_forward_hook(lambda mod, args, out, outs=outs: outs.append(out[0]))
+        mixer(x)
+        handle.remove()
+        attn = list(mixer.attention.parameters())
+        *grads, mem = torch.autograd.grad(outs[0].pow(2).sum(), attn + [mixer.memory.qkv.weight],
+                                          allow_unused=True)
+        total = sum(0.0 if g is None else g.abs().sum().item() for g in grads)
+        assert (total == 0.0) == flag, (flag, total)
+        assert mem.abs().sum() > 0  # the memory's own projections still learn
+
+
 def test_checkpoints_from_before_write_norm_load_without_it(tmp_path):
     from titans.checkpoint import load, save_checkpoint
     from titans.data.tokenizer import ByteTokenizer

@@ -584,3 +584,18 @@ def test_init_from_starts_from_the_weights_not_the_optimizer(trained, tmp_path, 
     bad = small_config(tmp_path / "b", corpus_dir, **{"train.init_from": str(trained), "model.dim": 64})
     with pytest.raises(TitansError, match="init_from.*differs"):
         train(bad, log=quiet)
+
+
+def test_init_from_may_change_a_gradient_only_field(trained, tmp_path, corpus_dir):
+    """model.first_order changes only the backward pass: a fine-tune may switch it on; the weights
+    carry over and the new run records it."""
+    from titans.checkpoint import load, open_checkpoint
+
+    cfg = small_config(tmp_path, corpus_dir, **{"train.init_from": str(trained), "train.steps": 1,
+                                                "optim.lr": 1e-12, "optim.warmup_steps": 0,
+                                                "model.first_order": True})
+    s = train(cfg, log=quiet)
+    assert open_checkpoint(s["run_dir"]).config.first_order is True
+    assert open_checkpoint(trained).config.first_order is False
+    base, new = load(trained)[0].state_dict(), load(s["run_dir"])[0].state_dict()
+    assert all(torch.allclose(base[k], new[k], atol=1e-6) for k in base)

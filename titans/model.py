@@ -41,6 +41,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# TitansConfig fields that change only the backward pass: a model fine-tuned with another value
+# (train.init_from) computes the same function
+GRADIENT_ONLY_FIELDS = ("first_order", "detach_write")
+
+
 @dataclass
 class TitansConfig:
     """Everything that defines a model. Defaults follow SPEC §5 (chunk 16, segment 512, window
@@ -70,6 +75,10 @@ class TitansConfig:
     # where forgetting pulls the memory: "zero" (the paper) or "init" (the learned initial weights;
     # NeuralMemory's docstring and README "Training")
     forget_to: str = "zero"
+    # the outer gradient treats each inner gradient as constant in the memory weights it was taken
+    # at (first-order MAML; NeuralMemory's docstring). Forward pass and inference unchanged; a
+    # training option for long rows, where full backprop through the deep memory explodes.
+    first_order: bool = False
     # MAC: RMSNorm (learnable weight) on the attention output before the memory writes it and reads
     # it back (SPEC §4 writes the output as it is: off by default). The block's pre-norm gives LMM,
     # MAG and MAL normalised memory inputs; MAC's write input is the attention's output projection,
@@ -80,6 +89,12 @@ class TitansConfig:
     # teacher-forced). On language modelling it costs 0.05-0.08 bits/byte at 0.4M tokens
     # (Table-1 budget, two seeds). README "Why the tiny MAC carried nothing".
     write_norm: bool = False
+    # MAC: the memory writes (and reads back from) a detached copy of the attention output, so no
+    # gradient flows from the memory's write into attention. This cuts MAC's segment-to-segment loop
+    # W -> h (memory tokens) -> attention -> write -> W, the second path along which the outer
+    # gradient explodes with length (first_order cuts the first); the memory's own projections,
+    # gates and write_norm still learn. Forward pass unchanged. README "Training".
+    detach_write: bool = False
     rope_base: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -107,6 +122,10 @@ class TitansConfig:
         if self.forget_to not in ("zero", "init"):
             bad(f"forget_to must be 'zero' (the paper) or 'init' (towards the initial weights), "
                 f"got {self.forget_to!r}")
+        for name in ("first_order", "detach_write", "write_norm", "momentum", "forgetting", "conv",
+                     "per_layer_gates"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def hidden(self) -> int:
@@ -195,7 +214,7 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
         opts = dict(depth=cfg.memory_depth, expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
                     momentum=cfg.momentum, forgetting=cfg.forgetting, conv=cfg.conv,
                     per_layer_gates=cfg.per_layer_gates, theta_max=cfg.theta_max, grad_clip=cfg.grad_clip,
-                    forget_to=cfg.forget_to)
+                    forget_to=cfg.forget_to, first_order=cfg.first_order)
         return NeuralMemory(cfg.dim, cfg.n_heads, **{**opts, **kw})
 
     def attention(window, n_persistent):
@@ -215,7 +234,8 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
     if v == "mal":
         return MAL(attention(cfg.window, cfg.n_persistent), memory())
     if v == "mac":
-        return MAC(attention(None, cfg.n_persistent), memory(), cfg.segment_len, write_norm=cfg.write_norm)
+        return MAC(attention(None, cfg.n_persistent), memory(), cfg.segment_len, write_norm=cfg.write_norm,
+                   detach_write=cfg.detach_write)
     if v == "gated_deltanet":
         from .blocks.gated_deltanet import GatedDeltaNet
 

@@ -86,11 +86,11 @@ def make_inputs(B: int = 2, H: int = 2, T: int = 22, D: int = 5, L: int = 2, *, 
 
 
 def run(fn, inp: MemInputs, chunk_size: int, state: MemoryState | None = None,
-        grad_clip: float | None = None, forget_to: str = "zero"):
+        grad_clip: float | None = None, forget_to: str = "zero", **options):
     """fn(...) on the inputs; fn is memory_recurrent, memory_chunked or a FUNCS key."""
     fn = FUNCS.get(fn, fn) if isinstance(fn, str) else fn
     return fn(inp.q, inp.k, inp.v, inp.alpha, inp.eta, inp.theta, inp.weights, chunk_size=chunk_size,
-              ln=inp.ln, state=state, grad_clip=grad_clip, forget_to=forget_to)
+              ln=inp.ln, state=state, grad_clip=grad_clip, forget_to=forget_to, **options)
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -160,6 +160,7 @@ LAYER_OPTIONS = {
     "all_off": {"momentum": False, "forgetting": False, "conv": False},
     "grad_clip": {"grad_clip": 0.05},
     "forget_to_init": {"forget_to": "init"},
+    "first_order": {"first_order": True},
 }
 
 

@@ -34,12 +34,12 @@ def _initial_state(inp: MemInputs, prefix: int, chunk: int, seed: int, forget_to
 
 
 def _compare(inp: MemInputs, chunk: int, prefix: int, seed: int, grad_clip=None, check_grads=True,
-             forget_to="zero"):
+             forget_to="zero", **options):
     """Run both functions on the same leaves; compare y, the final state and all gradients."""
     inp = inp.leaves()
     state = _initial_state(inp, prefix, chunk, seed, forget_to)
-    y_ref, st_ref = run("recurrent", inp, chunk, state, grad_clip, forget_to)
-    y, st = run("chunked", inp, chunk, state, grad_clip, forget_to)
+    y_ref, st_ref = run("recurrent", inp, chunk, state, grad_clip, forget_to, **options)
+    y, st = run("chunked", inp, chunk, state, grad_clip, forget_to, **options)
     assert_rel_close(y, y_ref, TOL, "y")
     assert_states_close(st, st_ref, TOL)
     assert st.position == prefix + inp.T
@@ -133,6 +133,32 @@ def test_forgetting_towards_the_initial_weights_matches_reference(L, chunk, per_
     y = _compare(inp, chunk, with_state, seed, forget_to="init")
     y_zero, _ = run("recurrent", inp, chunk)  # the rule changes the result (alpha > 0 here)
     assert (y - y_zero).abs().max() > 1e-8
+
+
+@pytest.mark.parametrize("forget_to", ["zero", "init"])
+@pytest.mark.parametrize("with_state", [0, 5], ids=lambda p: f"prefix{p}")
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_first_order_gradients_match_reference(L, chunk, with_state, forget_to):
+    """first_order=True: the token loop takes each inner gradient at a detached copy of its chunk-start
+    weights; the chunked backward drops the same path. Outputs are unchanged, every gradient agrees
+    with the reference, and it differs from the full gradient (the option does something)."""
+    T = 37 if chunk == 16 else 22
+    seed = 9000 + 100 * L + 10 * chunk + with_state + (forget_to == "init")
+    inp = make_inputs(2, 2, T, 4 if L == 3 else 5, L, per_layer=L == 2, seed=seed)
+    _compare(inp, chunk, with_state, seed, grad_clip=0.5 if L == 2 else None, forget_to=forget_to,
+             first_order=True)
+    leaves = inp.leaves()
+    wrt = [t for _, t in leaves.tensors()]
+    outs = {}
+    for first_order in (False, True):
+        y, st = run("chunked", leaves, chunk, forget_to=forget_to, first_order=first_order)
+        outs[first_order] = (y.detach(), grads(random_functional(y, st, seed), wrt))
+    assert torch.equal(outs[False][0], outs[True][0])  # the forward pass is the same
+    names = [n for n, _ in leaves.tensors()]
+    diff = {n: (a - b).norm() / b.norm()
+            for n, a, b in zip(names, outs[True][1], outs[False][1], strict=True)}
+    assert max(diff.values()) > 1e-3, diff
 
 
 def test_forget_to_is_validated():

@@ -142,7 +142,7 @@ class MAC(nn.Module):
     segment. Segments are aligned to stream positions 0, C, 2C, ..."""
 
     def __init__(self, attention: Attention, memory: NeuralMemory, segment_len: int, *,
-                 write_norm: bool = False):
+                 write_norm: bool = False, detach_write: bool = False):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"MAC: segment_len must be >= 1, got {segment_len}")
@@ -150,6 +150,8 @@ class MAC(nn.Module):
         self.gate = Gate(attention.dim)
         # write_norm: the memory writes RMSNorm(y), not y (TitansConfig.write_norm says when and why)
         self.write_norm = nn.RMSNorm(attention.dim, eps=1e-6) if write_norm else None
+        # detach_write: the memory is given a detached copy of y (TitansConfig.detach_write)
+        self.detach_write = detach_write
 
     def init_state(self, batch_size: int) -> MACState:
         mem = self.memory.init_state(batch_size)
@@ -202,7 +204,8 @@ class MAC(nn.Module):
                                            attn_mask=torch.cat(mask, 1))
         y = attn.out(rearrange(y, "b h t d -> b t (h d)"))
         # 3-4. write y into the memory and read it back, token by token (exact, SPEC §2)
-        m, mem = self.memory(y if self.write_norm is None else self.write_norm(y), st.memory)
+        w = y.detach() if self.detach_write else y
+        m, mem = self.memory(w if self.write_norm is None else self.write_norm(w), st.memory)
         out = self.gate(y, m)
         position = st.position + T
         if position % self.segment_len == 0:  # segment closed: the next one reads the state now

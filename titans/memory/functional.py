@@ -130,7 +130,7 @@ FORGET_TO = ("zero", "init")
 
 
 def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
-                 grad_clip=None, forget_to="zero") -> Spec:
+                 grad_clip=None, forget_to="zero", first_order=False) -> Spec:
     """Validate the arguments of memory_recurrent / memory_chunked; raise ValueError naming the
     argument, what was expected and what was given."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -186,6 +186,7 @@ def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
                 want = (B, *w.shape)
                 _require(_shape(t) == want, f"state.{field}[{i}]", f"shape {want}", f"shape {_shape(t)}")
     _require(forget_to in FORGET_TO, "forget_to", " or ".join(map(repr, FORGET_TO)), repr(forget_to))
+    _require(isinstance(first_order, bool), "first_order", "True or False", repr(first_order))
     dtypes = {t.dtype for t in (q, k, v, alpha, eta, theta, *weights)}
     dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     return Spec(B, H, T, D, L, bool(per_layer), dtype)

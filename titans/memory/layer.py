@@ -51,12 +51,17 @@ class NeuralMemory(nn.Module):
     learning rate. grad_clip: clamp each token's inner-gradient norm (None = off). forget_to: "zero"
     (the paper's W = (1 - alpha) W + S) or "init" (W = (1 - alpha) W + alpha W_0 + S, towards the
     learned initial weights; contractive where "zero" amplifies perturbations, README "Training").
+    first_order: in the backward pass, treat each inner gradient as constant in the weights it was
+    taken at (first-order MAML; the forward pass is unchanged). The outer gradient then still reaches
+    what is written (k, v, gates) and the reads, but no longer multiplies through the inner loop's
+    second derivatives, the path along which it explodes with length (README "Training").
     """
 
     def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: int = 4, chunk_size: int = 16,
                  momentum: bool = True, forgetting: bool = True, conv: bool = True,
                  per_layer_gates: bool = False, chunk_gates: bool = False, theta_max: float = 1.0,
-                 grad_clip: float | None = None, conv_kernel: int = 4, forget_to: str = "zero"):
+                 grad_clip: float | None = None, conv_kernel: int = 4, forget_to: str = "zero",
+                 first_order: bool = False):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("depth", depth), ("expansion", expansion),
                           ("chunk_size", chunk_size), ("conv_kernel", conv_kernel)):
@@ -71,11 +76,13 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"NeuralMemory: grad_clip must be None or > 0, got {grad_clip!r}")
         if forget_to not in ("zero", "init"):
             raise ValueError(f"NeuralMemory: forget_to must be 'zero' or 'init', got {forget_to!r}")
+        if not isinstance(first_order, bool):
+            raise ValueError(f"NeuralMemory: first_order must be True or False, got {first_order!r}")
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, dim // heads, depth
         self.chunk_size, self.momentum, self.forgetting = chunk_size, momentum, forgetting
         self.per_layer_gates, self.chunk_gates = per_layer_gates, chunk_gates
         self.theta_max, self.grad_clip, self.kernel = theta_max, grad_clip, conv_kernel
-        self.forget_to = forget_to
+        self.forget_to, self.first_order = forget_to, first_order
         D = self.head_dim
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -175,7 +182,8 @@ class NeuralMemory(nn.Module):
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
-                            grad_clip=self.grad_clip, read=read, forget_to=self.forget_to, normalize_qk=True)
+                            grad_clip=self.grad_clip, read=read, forget_to=self.forget_to, normalize_qk=True,
+                            first_order=self.first_order)
         # one host synchronisation for both checks (MAC calls this once per segment)
         x_ok, *w_ok = torch.stack([x_finite, *(torch.isfinite(w).all() for w in mem.weights)]).tolist()
         if not x_ok:
@@ -249,7 +257,7 @@ class NeuralMemory(nn.Module):
         return (f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
                 f"momentum={self.momentum}, forgetting={self.forgetting}, conv={self.conv is not None}, "
                 f"per_layer_gates={self.per_layer_gates}, chunk_gates={self.chunk_gates}, "
-                f"forget_to={self.forget_to!r}")
+                f"forget_to={self.forget_to!r}" + (", first_order=True" if self.first_order else ""))
 
 
 # time steps per block of `_GatedOutput`: its transient buffers are a block's, not a sequence's
