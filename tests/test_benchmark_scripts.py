@@ -90,3 +90,38 @@ def test_long_stream_resumed_over_legs_ends_in_the_state_of_one_run(tmp_path):
     assert a.position == b.position == 2304
     for wa, wb in zip(a.weights, b.weights):
         torch.testing.assert_close(wa, wb, rtol=0, atol=0)
+
+
+def test_grad_paths_rows_are_training_rows_and_the_table_names_every_option(tmp_path, monkeypatch):
+    """benchmarks/grad_paths.py: each row is T + 1 tokens of an S-NIAH-1 example in the training
+    layout (separators, prompt, answer, separator); a run on a saved tiny MAC writes one finite norm
+    per option, length and row."""
+    import json
+
+    import grad_paths
+    import torch
+
+    from titans.checkpoint import save_checkpoint
+    from titans.data.tokenizer import ByteTokenizer
+    from titans.model import TitansConfig, TitansLM
+
+    tok = ByteTokenizer()
+    x = grad_paths.row(tok, 200, 3)
+    assert x.shape == (1, 201) and x[0, 0].item() == tok.eos_id and x[0, -1].item() == tok.eos_id
+    assert "pass key" in tok.decode(x[0].tolist())
+    torch.manual_seed(0)
+    cfg = TitansConfig.from_preset("tiny", variant="mac", n_layers=1, dim=32, n_heads=2, segment_len=16,
+                                   chunk_size=4, n_persistent=2, mlp_hidden=64)
+    model = TitansLM(cfg)
+    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=cfg, train_config={},
+                    tokenizer=tok, trainer_state={}, tokens_seen=0)
+    out = tmp_path / "paths"
+    monkeypatch.setattr(sys, "argv", ["grad_paths.py", "--checkpoint", str(tmp_path / "run"), "--lengths",
+                                      "128,160", "--rows", "2", "--out", str(out)])
+    grad_paths.main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["options"] for r in result["results"]] == list(grad_paths.OPTIONS)
+    for r in result["results"]:
+        assert sorted(r["norms"]) == ["128", "160"]
+        assert all(len(ns) == 2 and all(math.isfinite(n) and n > 0 for n in ns) for ns in r["norms"].values())
+    assert "first_order + detach_write" in out.with_suffix(".md").read_text()

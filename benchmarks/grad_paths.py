@@ -1,0 +1,95 @@
+"""Which paths make the outer gradient explode with length: MAC on its own task rows.
+
+For a saved model (default: the 256-token pass-key MAC, `out/pk_mac_wn_256`), the norm of the outer
+gradient of the mean next-token loss on S-NIAH-1 rows of T tokens (the training layout: separators,
+prompt, answer, separator; needle depth drawn; three rows per length, each its own norm), with full
+backpropagation and with the gradient-only options that cut one path each:
+
+- `first_order`: the inner gradients' own dependence on the weights they are taken at (the inner
+  loop's second derivatives);
+- `detach_write`: MAC's segment loop, weights -> memory tokens h -> attention -> write -> weights.
+
+The forward pass is the same in every row of the table (the options change gradients only).
+
+    python benchmarks/grad_paths.py                      # about 4 min on one core
+    python benchmarks/grad_paths.py --checkpoint out/pk_mac_fodw_1024 --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from titans.checkpoint import open_checkpoint
+from titans.model import TitansConfig, TitansLM
+from titans.tasks.niah import make_niah
+from titans.train import forward_backward
+
+OPTIONS = {
+    "full backprop": {},
+    "first_order": {"first_order": True},
+    "detach_write": {"detach_write": True},
+    "first_order + detach_write": {"first_order": True, "detach_write": True},
+}
+
+
+def row(tokenizer, length: int, seed: int) -> torch.Tensor:
+    """One S-NIAH-1 training row of `length` + 1 tokens, left-padded with separators."""
+    ex = make_niah("single_1", length - 16, None, tokenizer=tokenizer, seed=seed)
+    sep = tokenizer.eos_id
+    ids = tokenizer.encode(ex.prompt) + tokenizer.encode(ex.answer) + [sep]
+    ids = [sep] * max(0, length + 1 - len(ids)) + ids
+    return torch.tensor([ids[-(length + 1):]])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/pk_mac_wn_256")
+    p.add_argument("--lengths", default="256,512,1024,2048")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/grad_paths")
+    args = p.parse_args()
+    lengths = [int(t) for t in args.lengths.split(",")]
+    ckpt = open_checkpoint(args.checkpoint)
+    tokenizer = ckpt.tokenizer()
+    results = []
+    for name, opts in OPTIONS.items():
+        if "detach_write" in opts and ckpt.config.variant != "mac":
+            continue
+        model = TitansLM(TitansConfig.from_dict({**ckpt.config.to_dict(), **opts}))
+        ckpt.load_weights(model)
+        model.train()
+        norms = {}
+        for T in lengths:
+            norms[T] = []
+            for seed in range(args.rows):
+                x = row(tokenizer, T, seed)
+                model.zero_grad(set_to_none=True)
+                forward_backward(model, x[:, :-1], x[:, 1:], bptt=0)
+                grads = [q.grad.double() for q in model.parameters() if q.grad is not None]
+                norms[T].append(torch.sqrt(sum(g.pow(2).sum() for g in grads)).item())
+        results.append({"options": name, "norms": norms})
+        print(f"{name:28s} " + " | ".join(f"{T}: " + ", ".join(f"{n:.3g}" for n in ns)
+                                         for T, ns in norms.items()), flush=True)
+    head = "| gradient | " + " | ".join(f"T={T}" for T in lengths) + " |"
+    lines = [head, "|---|" + "---:|" * len(lengths)]
+    for r in results:
+        lines.append(f"| {r['options']} | " + " | ".join(
+            f"{min(ns):.3g}–{max(ns):.3g}" for ns in r["norms"].values()) + " |")
+    text = "\n".join(lines) + (
+        f"\n\nNorm of the outer gradient (min–max over {args.rows} S-NIAH-1 rows per length, batch 1, "
+        f"float32) of `{args.checkpoint}` (step {ckpt.step}); `python benchmarks/grad_paths.py "
+        f"--checkpoint {args.checkpoint} --lengths {args.lengths}`.\n")
+    print("\n" + text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt.step,
+                                                    "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
