@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ import torch
 from titans.checkpoint import open_checkpoint
 from titans.model import TitansConfig, TitansLM
 from titans.tasks.niah import make_niah
-from titans.train import forward_backward
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grad_norm_vs_length import grad_norm  # noqa: E402  (the same norm as the text table)
 
 OPTIONS = {
     "full backprop": {},
@@ -66,11 +69,7 @@ def main() -> None:
         for T in lengths:
             norms[T] = []
             for seed in range(args.rows):
-                x = row(tokenizer, T, seed)
-                model.zero_grad(set_to_none=True)
-                forward_backward(model, x[:, :-1], x[:, 1:], bptt=0)
-                grads = [q.grad.double() for q in model.parameters() if q.grad is not None]
-                norms[T].append(torch.sqrt(sum(g.pow(2).sum() for g in grads)).item())
+                norms[T].append(grad_norm(model, row(tokenizer, T, seed)[0], T))
         results.append({"options": name, "norms": norms})
         print(f"{name:28s} " + " | ".join(f"{T}: " + ", ".join(f"{n:.3g}" for n in ns)
                                          for T, ns in norms.items()), flush=True)
