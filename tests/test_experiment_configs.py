@@ -106,6 +106,9 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
     for r in (plain, padded):
         assert 0 <= r["digit_accuracy_teacher_forced"] <= 1 and r["answer_loss_nats_per_token"] > 0
         assert 0 < r["key_influence"] < 1  # a random model: the key moves its prediction, a little
+        # five digits per key, each position scored once per example: the positions average to the whole
+        assert len(r["digit_accuracy_by_position"]) == 5
+        assert sum(r["digit_accuracy_by_position"]) / 5 == pytest.approx(r["digit_accuracy_teacher_forced"])
     assert plain["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 6)  # " ddddd"
     assert padded["format_floor_nats_per_token"] == pytest.approx(5 * math.log(10) / 7)  # + separator
     assert padded["answer_loss_nats_per_token"] != pytest.approx(plain["answer_loss_nats_per_token"])
