@@ -89,10 +89,12 @@ def test_mac_writes_the_rms_normalised_attention_output():
 
 @pytest.mark.parametrize("variant", ["mac", "lmm", "mag", "mal"])
 def test_gradient_only_options_keep_the_forward_pass(variant):
-    """first_order and detach_write change gradients only: the same weights give bit-identical logits
-    and states, while the gradients differ (each option does something where it applies)."""
+    """first_order, detach_write and detach_kv change gradients only: the same weights give
+    bit-identical logits and states, while the gradients differ (each option does something where
+    it applies)."""
     tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(6))
-    options = [{}, {"first_order": True}] + ([{"detach_write": True}] if variant == "mac" else [])
+    mac_only = [{"detach_write": True}, {"detach_kv": True}, {"first_order": True, "detach_kv": True}]
+    options = [{}, {"first_order": True}] + (mac_only if variant == "mac" else [])
     base = make(variant)
     results = []
     for opts in options:
@@ -125,6 +127,36 @@ def test_detach_write_stops_the_write_gradient_into_attention():
         total = sum(0.0 if g is None else g.abs().sum().item() for g in grads)
         assert (total == 0.0) == flag, (flag, total)
         assert mem.abs().sum() > 0  # the memory's own projections still learn
+
+
+def test_detach_kv_cuts_the_write_and_keeps_the_read_back():
+    """detach_kv: a loss on the memory weights a MAC block wrote sends no gradient into its attention,
+    a loss on what the memory reads back still does (its queries and output gate come from the
+    attention output with its graph). Full backprop: both do; detach_write: neither."""
+    x = torch.randn(1, 11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    expect = {"full": (True, True), "detach_kv": (False, True), "detach_write": (False, False)}
+    for name, (written_reaches, read_reaches) in expect.items():
+        mixer = make("mac", **({} if name == "full" else {name: True})).blocks[0].mixer
+        outs = []
+        handle = mixer.memory.register_forward_hook(lambda mod, args, out, outs=outs: outs.append(out[0]))
+        _, state = mixer(x)
+        handle.remove()
+        attn = list(mixer.attention.parameters())
+
+        def reaches(loss, attn=attn):
+            grads = torch.autograd.grad(loss, attn, allow_unused=True, retain_graph=True)
+            return sum(0.0 if g is None else g.abs().sum().item() for g in grads) > 0
+
+        written = sum(w.pow(2).sum() for w in state.memory.memory.weights)
+        assert reaches(written) == written_reaches, name
+        assert reaches(outs[0].pow(2).sum()) == read_reaches, name
+
+
+def test_detach_kv_and_detach_write_are_exclusive():
+    with pytest.raises(ValueError, match="detach_write and detach_kv are exclusive"):
+        TitansConfig.from_preset("tiny", variant="mac", detach_write=True, detach_kv=True)
+    with pytest.raises(ValueError, match="detach_kv must be true or false"):
+        TitansConfig.from_preset("tiny", variant="mac", detach_kv="yes")
 
 
 def test_checkpoints_from_before_write_norm_load_without_it(tmp_path):

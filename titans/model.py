@@ -43,7 +43,7 @@ PRESETS: dict[str, dict] = {
 
 # TitansConfig fields that change only the backward pass: a model fine-tuned with another value
 # (train.init_from) computes the same function
-GRADIENT_ONLY_FIELDS = ("first_order", "detach_write")
+GRADIENT_ONLY_FIELDS = ("first_order", "detach_write", "detach_kv")
 
 
 @dataclass
@@ -95,6 +95,11 @@ class TitansConfig:
     # gradient explodes with length (first_order cuts the first); the memory's own projections,
     # gates and write_norm still learn. Forward pass unchanged. README "Training".
     detach_write: bool = False
+    # MAC: the finer cut of the same loop. Only what the memory writes (its keys, values and gates)
+    # comes from the detached copy; its read-back queries and output gate keep their gradient into
+    # attention, which so still learns what to ask the memory. The loop W -> h -> attention -> write
+    # -> W is cut all the same. Exclusive with detach_write. Forward pass unchanged.
+    detach_kv: bool = False
     rope_base: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -122,10 +127,12 @@ class TitansConfig:
         if self.forget_to not in ("zero", "init"):
             bad(f"forget_to must be 'zero' (the paper) or 'init' (towards the initial weights), "
                 f"got {self.forget_to!r}")
-        for name in ("first_order", "detach_write", "write_norm", "momentum", "forgetting", "conv",
-                     "per_layer_gates"):
+        for name in ("first_order", "detach_write", "detach_kv", "write_norm", "momentum", "forgetting",
+                     "conv", "per_layer_gates"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.detach_write and self.detach_kv:
+            bad("detach_write and detach_kv are exclusive (detach_write detaches the read-back too); set one")
 
     @property
     def hidden(self) -> int:
@@ -235,7 +242,7 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
         return MAL(attention(cfg.window, cfg.n_persistent), memory())
     if v == "mac":
         return MAC(attention(None, cfg.n_persistent), memory(), cfg.segment_len, write_norm=cfg.write_norm,
-                   detach_write=cfg.detach_write)
+                   detach_write=cfg.detach_write, detach_kv=cfg.detach_kv)
     if v == "gated_deltanet":
         from .blocks.gated_deltanet import GatedDeltaNet
 

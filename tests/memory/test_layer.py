@@ -403,3 +403,32 @@ def test_memory_read_matches_memory_apply(depth, batched):
     dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
     for i, (a, b) in enumerate(zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy))):
         assert_rel_close(a, b, 1e-12, f"gradient of input {i}")
+
+
+def test_read_from_splits_the_gradient_between_write_and_read():
+    """forward(x, read_from=r) with r equal to x in value: the same output and state, bit for bit,
+    also when a stream is continued (the conv cache keeps r's query channels and x's key/value
+    channels); the keys, values and gates' gradient goes to x, the queries' and output gate's to r."""
+    mod = make_layer(seed=21)
+    x0 = randn(2, 9, 8, seed=22)
+    plain_out, plain_state = mod(x0)
+    plain_out2, plain_state2 = mod(x0[:, :4], plain_state)
+    x = x0.clone().requires_grad_()
+    r = x0.clone().requires_grad_()
+    out, state = mod(x, read_from=r)
+    out2, state2 = mod(x[:, :4], state, read_from=r[:, :4])
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    torch.testing.assert_close(out2, plain_out2, rtol=0, atol=0)
+    assert_snapshots_equal(snapshot(state2), snapshot(plain_state2))
+    # the written weights depend on x alone; the read-back depends on both
+    gx, gr = torch.autograd.grad(sum(w.sum() for w in state.memory.weights), [x, r], allow_unused=True,
+                                 retain_graph=True)
+    assert gx.abs().sum() > 0 and (gr is None or gr.abs().sum() == 0)
+    gx, gr = torch.autograd.grad(out.pow(2).sum(), [x, r], retain_graph=True)
+    assert gx.abs().sum() > 0 and gr.abs().sum() > 0
+    # the second piece's queries see r's first piece through the conv cache
+    gr = torch.autograd.grad(out2[:, 0].pow(2).sum(), r)[0]
+    assert gr[:, 8].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"read_from must be a tensor of x's shape \(2, 9, 8\), "
+                                         r"got \(2, 8, 8\)"):
+        mod(x0, read_from=x0[:, :8])

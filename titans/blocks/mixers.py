@@ -142,7 +142,7 @@ class MAC(nn.Module):
     segment. Segments are aligned to stream positions 0, C, 2C, ..."""
 
     def __init__(self, attention: Attention, memory: NeuralMemory, segment_len: int, *,
-                 write_norm: bool = False, detach_write: bool = False):
+                 write_norm: bool = False, detach_write: bool = False, detach_kv: bool = False):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"MAC: segment_len must be >= 1, got {segment_len}")
@@ -152,6 +152,11 @@ class MAC(nn.Module):
         self.write_norm = nn.RMSNorm(attention.dim, eps=1e-6) if write_norm else None
         # detach_write: the memory is given a detached copy of y (TitansConfig.detach_write)
         self.detach_write = detach_write
+        # detach_kv: only what the memory writes (keys, values, gates) comes from the detached copy;
+        # the read-back's queries and output gate keep their gradient (TitansConfig.detach_kv)
+        if detach_write and detach_kv:
+            raise ValueError("MAC: detach_write already detaches everything detach_kv does; set one of them")
+        self.detach_kv = detach_kv
 
     def init_state(self, batch_size: int) -> MACState:
         mem = self.memory.init_state(batch_size)
@@ -204,8 +209,9 @@ class MAC(nn.Module):
                                            attn_mask=torch.cat(mask, 1))
         y = attn.out(rearrange(y, "b h t d -> b t (h d)"))
         # 3-4. write y into the memory and read it back, token by token (exact, SPEC §2)
-        w = y.detach() if self.detach_write else y
-        m, mem = self.memory(w if self.write_norm is None else self.write_norm(w), st.memory)
+        norm = (lambda t: t) if self.write_norm is None else self.write_norm  # noqa: E731
+        w = y.detach() if self.detach_write or self.detach_kv else y
+        m, mem = self.memory(norm(w), st.memory, read_from=norm(y) if self.detach_kv else None)
         out = self.gate(y, m)
         position = st.position + T
         if position % self.segment_len == 0:  # segment closed: the next one reads the state now

@@ -173,12 +173,18 @@ class NeuralMemory(nn.Module):
         """out_proj(RMSNorm(y) * silu(gate)), gate = gate_proj(x) (B, T, dim): `_GatedOutput`."""
         return _GatedOutput.apply(y, gate, self.out_norm.weight, self.out_proj.weight, self.out_norm.eps)
 
-    def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool):
+    def _memory(self, x: Tensor, state: NeuralMemoryState | None, read: bool,
+                read_from: Tensor | None = None):
         self._check(x, state, finite=False)
         x_finite = torch.isfinite(x).all()  # read on the host below, with the weights' check
         # q and k before their L2 norm: the memory normalises them chunk by chunk, so that it keeps
         # only its own copies of q, k, v for the backward pass (not also the conv's output)
-        q, k, v, conv = self._qkv(x, None if state is None else state.conv, normalize=False)
+        cache = None if state is None else state.conv
+        q, k, v, conv = self._qkv(x, cache, normalize=False)
+        if read_from is not None:  # the queries (and their conv cache) from the reading input
+            q, _, _, conv_q = self._qkv(read_from, cache, normalize=False)
+            if conv is not None:
+                conv = torch.cat([conv_q[..., :self.dim], conv[..., self.dim:]], dim=-1)
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
@@ -196,11 +202,19 @@ class NeuralMemory(nn.Module):
         return y, NeuralMemoryState(mem, conv, carry)
 
     # ------------------------------------------------------------------ public API
-    def forward(self, x: Tensor, state: NeuralMemoryState | None = None
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None, *, read_from: Tensor | None = None
                 ) -> tuple[Tensor, NeuralMemoryState]:
-        """Write every token and read after each write. x: (B, T, dim) -> out (B, T, dim), state."""
-        y, new_state = self._memory(x, state, read=True)
-        return self._gated_output(y, self.gate_proj(x)), new_state
+        """Write every token and read after each write. x: (B, T, dim) -> out (B, T, dim), state.
+
+        read_from: the input the reads are computed from (queries, output gate), when it is to differ
+        from the written x (keys, values, gates) in its gradient only: the same values, e.g. x with
+        its graph and x.detach() (MAC's detach_kv). Default: x itself."""
+        if read_from is not None and (not isinstance(read_from, Tensor) or read_from.shape != x.shape):
+            got = tuple(read_from.shape) if isinstance(read_from, Tensor) else type(read_from).__name__
+            raise ValueError(f"NeuralMemory: read_from must be a tensor of x's shape {tuple(x.shape)}, "
+                             f"got {got}")
+        y, new_state = self._memory(x, state, read=True, read_from=read_from)
+        return self._gated_output(y, self.gate_proj(x if read_from is None else read_from)), new_state
 
     def update(self, x: Tensor, state: NeuralMemoryState | None = None) -> NeuralMemoryState:
         """Write only: the state after storing x (B, T, dim)."""
