@@ -7,7 +7,8 @@ backpropagation and with the gradient-only options that cut one path each:
 
 - `first_order`: the inner gradients' own dependence on the weights they are taken at (the inner
   loop's second derivatives);
-- `detach_write`: MAC's segment loop, weights -> memory tokens h -> attention -> write -> weights.
+- `detach_write`: MAC's segment loop, weights -> memory tokens h -> attention -> write -> weights;
+- `detach_kv`: the same loop, cut at the write only (the read-back keeps its gradient into attention).
 
 The forward pass is the same in every row of the table (the options change gradients only).
 
@@ -36,6 +37,8 @@ OPTIONS = {
     "first_order": {"first_order": True},
     "detach_write": {"detach_write": True},
     "first_order + detach_write": {"first_order": True, "detach_write": True},
+    "detach_kv": {"detach_kv": True},
+    "first_order + detach_kv": {"first_order": True, "detach_kv": True},
 }
 
 
@@ -54,13 +57,21 @@ def main() -> None:
     p.add_argument("--lengths", default="256,512,1024,2048")
     p.add_argument("--rows", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/grad_paths")
+    p.add_argument("--options", default=",".join(OPTIONS),
+                   help=f"which rows, comma-separated (default: all of {', '.join(OPTIONS)})")
     args = p.parse_args()
     lengths = [int(t) for t in args.lengths.split(",")]
+    chosen = [o.strip() for o in args.options.split(",")]
+    unknown = [o for o in chosen if o not in OPTIONS]
+    if unknown:
+        p.error(f"--options: unknown {unknown}; choose from {', '.join(OPTIONS)}")
     ckpt = open_checkpoint(args.checkpoint)
     tokenizer = ckpt.tokenizer()
     results = []
     for name, opts in OPTIONS.items():
-        if "detach_write" in opts and ckpt.config.variant != "mac":
+        if name not in chosen:
+            continue
+        if ("detach_write" in opts or "detach_kv" in opts) and ckpt.config.variant != "mac":
             continue
         model = TitansLM(TitansConfig.from_dict({**ckpt.config.to_dict(), **opts}))
         ckpt.load_weights(model)
@@ -81,7 +92,8 @@ def main() -> None:
     text = "\n".join(lines) + (
         f"\n\nNorm of the outer gradient (min–max over {args.rows} S-NIAH-1 rows per length, batch 1, "
         f"float32) of `{args.checkpoint}` (step {ckpt.step}); `python benchmarks/grad_paths.py "
-        f"--checkpoint {args.checkpoint} --lengths {args.lengths}`.\n")
+        f"--checkpoint {args.checkpoint} --lengths {args.lengths}"
+        + ("" if chosen == list(OPTIONS) else f" --options '{args.options}'") + "`.\n")
     print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,3 +125,14 @@ def test_grad_paths_rows_are_training_rows_and_the_table_names_every_option(tmp_
         assert sorted(r["norms"]) == ["128", "160"]
         assert all(len(ns) == 2 and all(math.isfinite(n) and n > 0 for n in ns) for ns in r["norms"].values())
     assert "first_order + detach_write" in out.with_suffix(".md").read_text()
+    # --options picks rows, and the table's command says which
+    monkeypatch.setattr(sys, "argv", ["grad_paths.py", "--checkpoint", str(tmp_path / "run"), "--lengths",
+                                      "128", "--rows", "1", "--out", str(out), "--options", "detach_kv"])
+    grad_paths.main()
+    picked = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["options"] for r in picked] == ["detach_kv"]
+    assert "--options 'detach_kv'" in out.with_suffix(".md").read_text()
+    monkeypatch.setattr(sys, "argv", ["grad_paths.py", "--checkpoint", str(tmp_path / "run"),
+                                      "--options", "nope"])
+    with pytest.raises(SystemExit):
+        grad_paths.main()
