@@ -7,6 +7,7 @@ import torch
 
 from titans.attention import Attention, windowed_attention
 from titans.blocks.mixers import MAC
+from titans.memory import NeuralMemory as NeuralMemoryForTest
 from titans.model import PRESETS, VARIANTS, TitansConfig, TitansLM, count_parameters
 
 SMALL = dict(n_layers=2, dim=32, n_heads=2, segment_len=8, window=6, chunk_size=4, n_persistent=3,
@@ -94,7 +95,7 @@ def test_gradient_only_options_keep_the_forward_pass(variant):
     it applies)."""
     tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(6))
     mac_only = [{"detach_write": True}, {"detach_kv": True}, {"first_order": True, "detach_kv": True}]
-    options = [{}, {"first_order": True}] + (mac_only if variant == "mac" else [])
+    options = [{}, {"first_order": True}, {"second_order": 0.5}] + (mac_only if variant == "mac" else [])
     base = make(variant)
     results = []
     for opts in options:
@@ -150,6 +151,15 @@ def test_detach_kv_cuts_the_write_and_keeps_the_read_back():
         written = sum(w.pow(2).sum() for w in state.memory.memory.weights)
         assert reaches(written) == written_reaches, name
         assert reaches(outs[0].pow(2).sum()) == read_reaches, name
+
+
+def test_second_order_is_validated():
+    with pytest.raises(ValueError, match=r"second_order must be a number in \[0, 1\]"):
+        TitansConfig.from_preset("tiny", variant="mac", second_order=2.0)
+    with pytest.raises(ValueError, match="first_order=true is second_order=0"):
+        TitansConfig.from_preset("tiny", variant="mac", first_order=True, second_order=0.5)
+    with pytest.raises(ValueError, match=r"second_order must be a number in \[0, 1\]"):
+        NeuralMemoryForTest(8, 2, second_order=-0.1)
 
 
 def test_detach_kv_and_detach_write_are_exclusive():

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict] = {
 
 # TitansConfig fields that change only the backward pass: a model fine-tuned with another value
 # (train.init_from) computes the same function
-GRADIENT_ONLY_FIELDS = ("first_order", "detach_write", "detach_kv")
+GRADIENT_ONLY_FIELDS = ("first_order", "second_order", "detach_write", "detach_kv")
 
 
 @dataclass
@@ -79,6 +79,9 @@ class TitansConfig:
     # at (first-order MAML; NeuralMemory's docstring). Forward pass and inference unchanged; a
     # training option for long rows, where full backprop through the deep memory explodes.
     first_order: bool = False
+    # keep this share (in [0, 1]) of the inner loop's second derivatives in the outer gradient instead
+    # of all (1, exact) or none (first_order); exclusive with first_order. Forward pass unchanged.
+    second_order: float = 1.0
     # MAC: RMSNorm (learnable weight) on the attention output before the memory writes it and reads
     # it back (SPEC §4 writes the output as it is: off by default). The block's pre-norm gives LMM,
     # MAG and MAL normalised memory inputs; MAC's write input is the attention's output projection,
@@ -131,6 +134,11 @@ class TitansConfig:
                      "conv", "per_layer_gates"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+        so = self.second_order
+        if isinstance(so, bool) or not isinstance(so, (int, float)) or not 0.0 <= so <= 1.0:
+            bad(f"second_order must be a number in [0, 1] (1: the exact gradient), got {so!r}")
+        if self.first_order and so != 1.0:
+            bad(f"first_order=true is second_order=0; got both (second_order={so!r}): set one of them")
         if self.detach_write and self.detach_kv:
             bad("detach_write and detach_kv are exclusive (detach_write detaches the read-back too); set one")
 
@@ -221,7 +229,7 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
         opts = dict(depth=cfg.memory_depth, expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
                     momentum=cfg.momentum, forgetting=cfg.forgetting, conv=cfg.conv,
                     per_layer_gates=cfg.per_layer_gates, theta_max=cfg.theta_max, grad_clip=cfg.grad_clip,
-                    forget_to=cfg.forget_to, first_order=cfg.first_order)
+                    forget_to=cfg.forget_to, first_order=cfg.first_order, second_order=cfg.second_order)
         return NeuralMemory(cfg.dim, cfg.n_heads, **{**opts, **kw})
 
     def attention(window, n_persistent):

@@ -161,6 +161,7 @@ LAYER_OPTIONS = {
     "grad_clip": {"grad_clip": 0.05},
     "forget_to_init": {"forget_to": "init"},
     "first_order": {"first_order": True},
+    "second_order_half": {"second_order": 0.5},
 }
 
 

@@ -135,30 +135,45 @@ def test_forgetting_towards_the_initial_weights_matches_reference(L, chunk, per_
     assert (y - y_zero).abs().max() > 1e-8
 
 
+@pytest.mark.parametrize("order", [{"first_order": True}, {"second_order": 0.5}],
+                         ids=["first_order", "second_order_half"])
 @pytest.mark.parametrize("forget_to", ["zero", "init"])
 @pytest.mark.parametrize("with_state", [0, 5], ids=lambda p: f"prefix{p}")
 @pytest.mark.parametrize("chunk", [3, 16])
 @pytest.mark.parametrize("L", [1, 2, 3])
-def test_first_order_gradients_match_reference(L, chunk, with_state, forget_to):
+def test_first_order_gradients_match_reference(L, chunk, with_state, forget_to, order):
     """first_order=True: the token loop takes each inner gradient at a detached copy of its chunk-start
-    weights; the chunked backward drops the same path. Outputs are unchanged, every gradient agrees
-    with the reference, and it differs from the full gradient (the option does something)."""
+    weights; the chunked backward drops the same path. second_order=0.5: the token loop takes it at
+    G.detach() + 0.5 (G - G.detach()); the chunked backward halves the same path. Outputs are
+    unchanged, every gradient agrees with the reference, and it differs from the full gradient (the
+    option does something)."""
     T = 37 if chunk == 16 else 22
     seed = 9000 + 100 * L + 10 * chunk + with_state + (forget_to == "init")
     inp = make_inputs(2, 2, T, 4 if L == 3 else 5, L, per_layer=L == 2, seed=seed)
-    _compare(inp, chunk, with_state, seed, grad_clip=0.5 if L == 2 else None, forget_to=forget_to,
-             first_order=True)
+    _compare(inp, chunk, with_state, seed, grad_clip=0.5 if L == 2 else None, forget_to=forget_to, **order)
     leaves = inp.leaves()
     wrt = [t for _, t in leaves.tensors()]
     outs = {}
-    for first_order in (False, True):
-        y, st = run("chunked", leaves, chunk, forget_to=forget_to, first_order=first_order)
-        outs[first_order] = (y.detach(), grads(random_functional(y, st, seed), wrt))
+    for changed in (False, True):
+        y, st = run("chunked", leaves, chunk, forget_to=forget_to, **(order if changed else {}))
+        outs[changed] = (y.detach(), grads(random_functional(y, st, seed), wrt))
     assert torch.equal(outs[False][0], outs[True][0])  # the forward pass is the same
     names = [n for n, _ in leaves.tensors()]
     diff = {n: (a - b).norm() / b.norm()
             for n, a, b in zip(names, outs[True][1], outs[False][1], strict=True)}
     assert max(diff.values()) > 1e-3, diff
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"second_order": 1.5}, r"second_order: expected a number in \[0, 1\], got 1.5"),
+    ({"second_order": True}, r"second_order: expected a number in \[0, 1\], got True"),
+    ({"first_order": True, "second_order": 0.5}, r"second_order: expected 1.0 with first_order=True"),
+])
+def test_second_order_is_validated(kw, match):
+    inp = make_inputs(1, 1, 4, 3, 1, seed=1)
+    for fn in ("recurrent", "chunked"):
+        with pytest.raises(ValueError, match=match):
+            run(fn, inp, 2, **kw)
 
 
 def test_forget_to_is_validated():

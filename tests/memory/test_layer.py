@@ -350,13 +350,13 @@ def _layer_reference(mem: NeuralMemory, x):
     alpha, eta, theta, _ = mem._gates(x, None)
     y, _ = memory_recurrent(q, k, v, alpha, eta, theta, tuple(mem.weights), chunk_size=mem.chunk_size,
                             ln=mem.ln, grad_clip=mem.grad_clip, forget_to=mem.forget_to,
-                            first_order=mem.first_order)
+                            first_order=mem.first_order, second_order=mem.second_order)
     y = mem.out_norm(y).permute(0, 2, 1, 3).reshape(B, T, dim)
     return mem.out_proj(y * F.silu(mem.gate_proj(x)))
 
 
 @pytest.mark.parametrize("option", ["default", "no_conv", "per_layer_gates_depth3", "forget_to_init",
-                                    "first_order"])
+                                    "first_order", "second_order_half"])
 def test_layer_matches_plain_ops_and_the_token_loop(option, monkeypatch):
     """The whole layer, output and every parameter's gradient, against `_layer_reference` in float64
     (T = 11: chunks and blocks end mid-sequence; the projection + conv and the gated output run in

@@ -28,6 +28,7 @@ from .functional import (
     layer_norm,
     memory_apply,
     no_autocast,
+    second_order_scale,
     start_state,
 )
 
@@ -35,7 +36,8 @@ from .functional import (
 def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
                    weights: Weights, *, chunk_size: int = 16, ln: tuple[Tensor, Tensor] | None = None,
                    state: MemoryState | None = None, grad_clip: float | None = None,
-                   forget_to: str = "zero", first_order: bool = False) -> tuple[Tensor, MemoryState]:
+                   forget_to: str = "zero", first_order: bool = False,
+                   second_order: float = 1.0) -> tuple[Tensor, MemoryState]:
     """Same arguments and results as `memory_recurrent`, computed chunk by chunk.
 
     q, k, v: (B, H, T, D); alpha, eta, theta: (B, H, T) or (B, H, T, L);
@@ -44,12 +46,12 @@ def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, 
     """
     return run_memory(q, k, v, alpha, eta, theta, weights, chunk_size=chunk_size, ln=ln,
                       state=state, grad_clip=grad_clip, read=True, forget_to=forget_to,
-                      first_order=first_order)
+                      first_order=first_order, second_order=second_order)
 
 
 def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, grad_clip, read,
                forget_to: str = "zero", normalize_qk: bool = False,
-               first_order: bool = False) -> tuple[Tensor | None, MemoryState]:
+               first_order: bool = False, second_order: float = 1.0) -> tuple[Tensor | None, MemoryState]:
     """memory_chunked, optionally without the read (write only: y is None).
 
     normalize_qk=True takes q and k before their L2 normalisation and normalises them inside, chunk
@@ -60,9 +62,11 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
     zero exactly as W does under the paper's rule; the memory and its gradient base are W_0 + U.
 
     first_order=True drops, in the backward pass only, the gradient that flows from each inner
-    gradient into the chunk-start weights it was taken at (see `memory_recurrent`)."""
+    gradient into the chunk-start weights it was taken at (see `memory_recurrent`); second_order=s
+    keeps the share s of it."""
     spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip, forget_to,
-                        first_order)
+                        first_order, second_order)
+    scale = second_order_scale(first_order, second_order)
     dtype, b, L = spec.dtype, chunk_size, spec.L
     with no_autocast(q.device.type):
         W, S, G, pos = start_state(weights, state, spec, dtype)
@@ -82,7 +86,7 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
         if W0:
             W = tuple(w - w0 for w, w0 in zip(W, W0))  # the offset U
         WS = tuple(torch.cat([w, s], dim=-2) for w, s in zip(W, S))
-        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), normalize_qk, first_order, q_c, k_c, v_c,
+        out = _MemoryChunks.apply(L, grad_clip, read, bool(W0), normalize_qk, scale, q_c, k_c, v_c,
                                   a_c, e_c, t_c,
                                   valid.view(N, 1, 1, 1, b), gamma, beta, *G, *WS, *W0)
         y_c, WS_T, G_T = out[0], out[1:1 + L], out[1 + L:]
@@ -518,7 +522,7 @@ class _MemoryChunks(torch.autograd.Function):
     so on CUDA a stretch can run as one captured graph (`graph_chunks`)."""
 
     @staticmethod
-    def forward(ctx, L, clip, read, anchored, norm_qk, first_order, q, k, v, alpha, eta, theta, valid, gamma,
+    def forward(ctx, L, clip, read, anchored, norm_qk, so_scale, q, k, v, alpha, eta, theta, valid, gamma,
                 beta, *states):
         # detached: the chunk step sees the same requires_grad on every call (a compiled step
         # would otherwise recompile between the first chunk and the rest)
@@ -549,7 +553,7 @@ class _MemoryChunks(torch.autograd.Function):
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
         ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0, ctx.norm_qk = L, clip, read, saved, W0, norm_qk
-        ctx.first_order = first_order
+        ctx.so_scale = so_scale
         ctx.G0 = G0
         # the gates, not the b x b coefficients: those are recomputed per stretch in the backward
         ctx.save_for_backward(q, k, v, alpha, eta, theta, valid, gamma, beta)
@@ -581,7 +585,7 @@ class _MemoryChunks(torch.autograd.Function):
             chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
             args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
             d_chunk = [d[n0:n1] for d in d_inputs]
-            static = (L, clip, read, ctx.norm_qk, n0 == 0, ctx.first_order)
+            static = (L, clip, read, ctx.norm_qk, n0 == 0, ctx.so_scale)
             d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, static, args, d_chunk)
             if d_n is not None:  # a graph's outputs: copied into place
                 for acc, g in zip(d_chunk, d_n):
@@ -617,7 +621,7 @@ def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, 
     return (y if out else None), tuple(WS), tuple(G_last)
 
 
-def _backward_stretch(L, clip, read, norm_qk, first, first_order, G, WS, q, k, v, alpha, eta, theta, valid,
+def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, alpha, eta, theta, valid,
                       gamma, beta, W0, dy, dWS, dG_last, d_chunk=None):
     """The backward of chunks n0 .. n1-1 (a checkpoint stretch): recompute their coefficients from
     the gates and their start states from base G and state WS at n0, then walk back from dWS (the
@@ -625,9 +629,9 @@ def _backward_stretch(L, clip, read, norm_qk, first, first_order, G, WS, q, k, v
     stream's open chunk), ending with the coefficients' gradients taken back to the gates. Writes
     the gradients of q, k, v, alpha, eta, theta into `d_chunk` when given, else returns them.
     Returns (those gradients or None, d gamma, d beta, d of the state at n0 -- preceded by d of the
-    base G when `first`, the stream's first stretch -- and d W0). first_order: the inner gradients'
-    own gradient into their base is dropped (the gradient of the open chunk's base as an output,
-    dG_last, still flows)."""
+    base G when `first`, the stream's first stretch -- and d W0). so_scale: the share of the inner
+    gradients' own gradient into their base that is kept (0: first_order, dropped; the gradient of
+    the open chunk's base as an output, dG_last, always flows)."""
     n1 = q.shape[0]
     out = d_chunk is None
     if out:
@@ -656,8 +660,10 @@ def _backward_stretch(L, clip, read, norm_qk, first, first_order, G, WS, q, k, v
         if dg is not None:
             d_gamma = dg if d_gamma is None else d_gamma + dg
             d_beta = db if d_beta is None else d_beta + db
-        if first_order:  # the inner gradients treated as constant in the weights they were taken at
+        if so_scale == 0.0:  # the inner gradients treated as constant in the weights they were taken at
             dG = [torch.zeros_like(g) for g in dG]
+        elif so_scale != 1.0:  # a share of their second derivatives kept
+            dG = [g * so_scale for g in dG]
         if n == n1 - 1 and dG_last is not None:  # gradient into the open chunk's base
             dG = [g + h for g, h in zip(dG, dG_last)]
         dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]

@@ -130,7 +130,7 @@ FORGET_TO = ("zero", "init")
 
 
 def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
-                 grad_clip=None, forget_to="zero", first_order=False) -> Spec:
+                 grad_clip=None, forget_to="zero", first_order=False, second_order=1.0) -> Spec:
     """Validate the arguments of memory_recurrent / memory_chunked; raise ValueError naming the
     argument, what was expected and what was given."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -187,6 +187,11 @@ def check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state,
                 _require(_shape(t) == want, f"state.{field}[{i}]", f"shape {want}", f"shape {_shape(t)}")
     _require(forget_to in FORGET_TO, "forget_to", " or ".join(map(repr, FORGET_TO)), repr(forget_to))
     _require(isinstance(first_order, bool), "first_order", "True or False", repr(first_order))
+    _require(isinstance(second_order, (int, float)) and not isinstance(second_order, bool)
+             and 0.0 <= second_order <= 1.0, "second_order", "a number in [0, 1]", repr(second_order))
+    _require(not (first_order and second_order != 1.0), "second_order",
+             "1.0 with first_order=True (first_order is second_order=0; pass one of them)",
+             repr(second_order))
     dtypes = {t.dtype for t in (q, k, v, alpha, eta, theta, *weights)}
     dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     return Spec(B, H, T, D, L, bool(per_layer), dtype)
@@ -214,3 +219,9 @@ def start_state(weights: Weights, state: MemoryState | None, spec: Spec, dtype: 
 def per_layer_gate(g: Tensor, L: int) -> Tensor:
     """Gates as (B, H, T, L): a shared gate is repeated for every memory layer."""
     return g.unsqueeze(-1).expand(*g.shape, L) if g.dim() == 3 else g
+
+
+def second_order_scale(first_order: bool, second_order: float) -> float:
+    """The share of the inner gradients' own gradient into their chunk-start weights that the
+    backward pass keeps: 0 with first_order, else second_order (1: exact)."""
+    return 0.0 if first_order else float(second_order)

@@ -55,13 +55,15 @@ class NeuralMemory(nn.Module):
     taken at (first-order MAML; the forward pass is unchanged). The outer gradient then still reaches
     what is written (k, v, gates) and the reads, but no longer multiplies through the inner loop's
     second derivatives, the path along which it explodes with length (README "Training").
+    second_order: keep this share (in [0, 1]) of those second derivatives instead of all (1, exact)
+    or none (first_order); 0.5 bounds the pass-key MAC's gradient to 2K tokens (README "Training").
     """
 
     def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: int = 4, chunk_size: int = 16,
                  momentum: bool = True, forgetting: bool = True, conv: bool = True,
                  per_layer_gates: bool = False, chunk_gates: bool = False, theta_max: float = 1.0,
                  grad_clip: float | None = None, conv_kernel: int = 4, forget_to: str = "zero",
-                 first_order: bool = False):
+                 first_order: bool = False, second_order: float = 1.0):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("depth", depth), ("expansion", expansion),
                           ("chunk_size", chunk_size), ("conv_kernel", conv_kernel)):
@@ -78,11 +80,17 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"NeuralMemory: forget_to must be 'zero' or 'init', got {forget_to!r}")
         if not isinstance(first_order, bool):
             raise ValueError(f"NeuralMemory: first_order must be True or False, got {first_order!r}")
+        if isinstance(second_order, bool) or not isinstance(second_order, (int, float)) \
+                or not 0.0 <= second_order <= 1.0:
+            raise ValueError(f"NeuralMemory: second_order must be a number in [0, 1], got {second_order!r}")
+        if first_order and second_order != 1.0:
+            raise ValueError(f"NeuralMemory: first_order=True is second_order=0; got both (second_order="
+                             f"{second_order!r}): pass one of them")
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, dim // heads, depth
         self.chunk_size, self.momentum, self.forgetting = chunk_size, momentum, forgetting
         self.per_layer_gates, self.chunk_gates = per_layer_gates, chunk_gates
         self.theta_max, self.grad_clip, self.kernel = theta_max, grad_clip, conv_kernel
-        self.forget_to, self.first_order = forget_to, first_order
+        self.forget_to, self.first_order, self.second_order = forget_to, first_order, float(second_order)
         D = self.head_dim
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -189,7 +197,7 @@ class NeuralMemory(nn.Module):
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
                             grad_clip=self.grad_clip, read=read, forget_to=self.forget_to, normalize_qk=True,
-                            first_order=self.first_order)
+                            first_order=self.first_order, second_order=self.second_order)
         # one host synchronisation for both checks (MAC calls this once per segment)
         x_ok, *w_ok = torch.stack([x_finite, *(torch.isfinite(w).all() for w in mem.weights)]).tolist()
         if not x_ok:
@@ -271,7 +279,8 @@ class NeuralMemory(nn.Module):
         return (f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
                 f"momentum={self.momentum}, forgetting={self.forgetting}, conv={self.conv is not None}, "
                 f"per_layer_gates={self.per_layer_gates}, chunk_gates={self.chunk_gates}, "
-                f"forget_to={self.forget_to!r}" + (", first_order=True" if self.first_order else ""))
+                f"forget_to={self.forget_to!r}" + (", first_order=True" if self.first_order else "")
+                + (f", second_order={self.second_order}" if self.second_order != 1.0 else ""))
 
 
 # time steps per block of `_GatedOutput`: its transient buffers are a block's, not a sequence's
