@@ -8,7 +8,8 @@ backpropagation and with the gradient-only options that cut one path each:
 - `first_order`: the inner gradients' own dependence on the weights they are taken at (the inner
   loop's second derivatives);
 - `detach_write`: MAC's segment loop, weights -> memory tokens h -> attention -> write -> weights;
-- `detach_kv`: the same loop, cut at the write only (the read-back keeps its gradient into attention).
+- `detach_kv`: the same loop, cut at the write only (the read-back keeps its gradient into attention);
+- `second_order s`: a share s of the inner loop's second derivatives kept (first_order is s = 0).
 
 The forward pass is the same in every row of the table (the options change gradients only).
 
@@ -39,6 +40,9 @@ OPTIONS = {
     "first_order + detach_write": {"first_order": True, "detach_write": True},
     "detach_kv": {"detach_kv": True},
     "first_order + detach_kv": {"first_order": True, "detach_kv": True},
+    "second_order 0.5 + detach_write": {"second_order": 0.5, "detach_write": True},
+    "second_order 0.75 + detach_write": {"second_order": 0.75, "detach_write": True},
+    "second_order 0.5 + detach_kv": {"second_order": 0.5, "detach_kv": True},
 }
 
 
