@@ -52,7 +52,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
     nats, tokens, digits, right, exact, influence = 0.0, 0, 0, 0, 0, 0.0
     prompt_nats, prompt_tokens = 0.0, 0
     by_start: dict[str, list[float]] = {}
-    by_position: list[list[int]] = []  # teacher-forced hits of the key's 1st, 2nd, ... digit
+    digit_hits: list[list[bool]] = []  # per example, the teacher-forced hit of each digit of the key
     with torch.no_grad():
         for i in range(examples):
             ex = make_niah("single_1", length, depth, tokenizer=tokenizer, seed=seed + i)
@@ -77,10 +77,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
             nats += torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
             hits = pred.argmax(-1) == target
             digits += int(digit.sum())
-            for n, hit in enumerate(hits[digit].tolist()):
-                if n == len(by_position):
-                    by_position.append([])
-                by_position[n].append(int(hit))
+            digit_hits.append(hits[digit].tolist())
             right += int((hits & digit).sum())
             exact += int(hits.all())
             tokens += len(answer)
@@ -111,7 +108,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         "first_digit_probability_by_value": {d: sum(v) / len(v) for d, v in sorted(by_start.items())},
         # teacher-forced accuracy of the key's 1st, 2nd, ... digit: whether the key is lost as a whole
         # or the start is found and the continuation is not
-        "digit_accuracy_by_position": [sum(h) / len(h) for h in by_position],
+        "digit_accuracy_by_position": [sum(h) / len(h) for h in zip(*digit_hits)],
     }
 
 
