@@ -23,6 +23,8 @@
 #   3. compile_speed.py: memory layer at 4096 and 170m lmm / mac steps at 2048, eager vs graphs.
 #   PLAN=graphs OUT=... benchmarks/gpu_session.sh   (under 6 minutes; no staging needed)
 # PLAN=long: the 170m memory variants at 32K with graphs (about 35-50 s a step each; 7 minutes).
+# PLAN=passkey (after --stage-passkey): the 1024 pass-key MAC fine-tuned at 1K-2K tokens on the GPU
+#   (second_order 0.5 + detach_kv, graphs), then lmm / mal at 8K and the memory variants at 32K (170m).
 # PLAN=combo: compile_speed.py with the compiled chunk step captured in the graphs (memory layer at
 #   4096, 170m lmm step at 2048), eager / graphs / compiled+graphs, in about 3 minutes.
 #
@@ -48,6 +50,15 @@ if [ "${1:-}" = "--stage" ]; then
     du -sh .gpu
     exit 0
 fi
+if [ "${1:-}" = "--stage-passkey" ]; then  # PLAN=passkey's inputs: the corpus and the 1024 pass-key MAC
+    src=${PK_FROM:-out/pk1024_more_so05kv/checkpoints/step_00000500}
+    [ -f "$src/model.safetensors" ] || { echo "no checkpoint at $src (PK_FROM=...)"; exit 1; }
+    rm -rf .gpu && mkdir -p .gpu/data .gpu/pk_init
+    cp -r data/corpus .gpu/data/corpus
+    cp -r "$src"/config.json "$src"/model.safetensors "$src"/tokenizer .gpu/pk_init/
+    du -sh .gpu
+    exit 0
+fi
 # every plan: the output folder, the interpreter, and the device it ran on
 OUT=${OUT:-out/gpu_session}
 mkdir -p "$OUT"
@@ -59,6 +70,40 @@ if [ "${PLAN:-}" = "long" ]; then  # issue 3's missing cells: the 170m memory va
     timeout -k 10 ${LONG_S:-420} $PY benchmarks/gpu_checks.py $A --skip numerics,models,memory --graphs \
         --variants ${LONG_VARIANTS:-ttt_mlp,mag,mac,lmm,mal} --deadline ${LONG_D:-400} --out "$OUT/long" > "$OUT/long.log" 2>&1
     echo "long exit $?" >> "$OUT/device.txt"
+    exit 0
+fi
+if [ "${PLAN:-}" = "passkey" ]; then  # issue 5 on the GPU, then issue 3's missing 170m cells
+    # 1. the 1024 pass-key MAC (staged by --stage-passkey) fine-tuned on S-NIAH-1 rows of 1K-2K tokens
+    #    (task_lengths=varied) with second_order 0.5 + detach_kv, the chunk loops as CUDA graphs, for
+    #    PK_MIN minutes; its weights come back in pk2048_gpu.tgz for the probes on the CPU.
+    if [ -n "${QUICK:-}" ]; then
+        T="--set data.seq_len=256 --set train.batch_size=2 --set train.steps=3 --set train.device=cpu"
+        PK_S=300; S8=200; S32=200; A="--device cpu --quick"; L8=64; L32=128
+    else
+        T="--set data.seq_len=2048 --set train.batch_size=${PK_BATCH:-16} --set train.steps=${PK_STEPS:-300}"
+        T="$T --set train.device=cuda --set train.cuda_graphs=true --set train.max_minutes=${PK_MIN:-4}"
+        PK_S=${PK_S:-290}; S8=${S8:-50}; S32=${S32:-240}; A="--cell-budget 90"; L8=8192; L32=32768
+    fi
+    R=out/pk2048_gpu
+    rm -rf $R
+    timeout -k 20 $PK_S $PY -m titans train --config configs/tiny_mac.yaml --set data.dir=.gpu/data \
+        --set data.tasks=niah_single_1 --set data.task_mix=1.0 --set data.task_loss=all \
+        --set data.task_lengths=varied --set model.write_norm=true --set model.second_order=0.5 \
+        --set model.detach_kv=true --set optim.lr=5e-4 --set optim.warmup_steps=20 --set train.seed=2 \
+        --set train.init_from=.gpu/pk_init --set train.ckpt_every=50 --set train.keep_last=100 \
+        --set train.eval_every=100000 --set train.eval_windows=8 --set train.log_every=5 \
+        --set train.progress=false --set train.tensorboard=false --set train.out=$R $T > "$OUT/pk_train.log" 2>&1
+    echo "passkey train exit $?" >> "$OUT/device.txt"
+    last=$(ls -d $R/checkpoints/step_* 2>/dev/null | tail -1)
+    tar czf "$OUT/pk2048_gpu.tgz" --exclude=trainer.pt $R/config.yaml $R/metrics.jsonl $R/summary.json ${last:-} 2>> "$OUT/device.txt"
+    # 2. lmm and mal at 8K (NaN in the forward in the last session), the memory variants at 32K
+    timeout -k 10 $S8 $PY benchmarks/gpu_checks.py $A --lengths $L8 --skip numerics,models,memory --graphs \
+        --variants lmm,mal --deadline $((S8 - 10)) --out "$OUT/speed_8k" > /tmp/speed_8k.log 2>&1
+    echo "8k exit $?" >> "$OUT/device.txt"
+    timeout -k 10 $S32 $PY benchmarks/gpu_checks.py $A --lengths $L32 --skip numerics,models,memory --graphs \
+        --variants mac,lmm,mag,mal,ttt_mlp --deadline $((S32 - 10)) --out "$OUT/speed_32k" > /tmp/speed_32k.log 2>&1
+    echo "32k exit $?" >> "$OUT/device.txt"
+    tail -n 30 /tmp/speed_8k.log /tmp/speed_32k.log >> "$OUT/device.txt"  # at most 8 files come back
     exit 0
 fi
 if [ "${PLAN:-}" = "combo" ]; then  # compiled step inside the graphs: memory at 4K, the 170m lmm step at 2K
