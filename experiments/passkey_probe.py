@@ -38,11 +38,13 @@ import torch
 
 
 def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: int = 0,
-          depth: float | None = None) -> dict:
+          depth: float | None = None, forget_scale: float = 1.0) -> dict:
     from titans.checkpoint import load
     from titans.tasks.niah import make_niah
 
     model, tokenizer = load(checkpoint)
+    if forget_scale != 1.0:
+        model.set_forget_scale(forget_scale)
     sep = tokenizer.eos_id
 
     def row(ids: list[int], answer: list[int]) -> list[int]:
@@ -92,6 +94,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         "length": length,
         "pad_to": pad_to,
         "depth": depth,
+        "forget_scale": forget_scale,
         "examples": examples,
         "answer_loss_nats_per_token": nats / tokens,
         "digit_accuracy_teacher_forced": right / digits,
@@ -122,12 +125,17 @@ def main() -> None:
                    help="left-pad each example with the document separator to N tokens, as training rows are")
     p.add_argument("--depth", type=float, default=None,
                    help="the needle's depth in the context, 0 (start) to 1 (end); default: drawn per example")
+    p.add_argument("--forget-scale", type=float, default=1.0, metavar="S",
+                   help="read with every memory's forgetting gate multiplied by S in [0, 1] (default 1)")
     args = p.parse_args()
+    if not 0 <= args.forget_scale <= 1:
+        p.error(f"--forget-scale must lie in [0, 1], got {args.forget_scale}")
     if args.length < 100 or args.examples < 1 or args.pad_to < 0:
         p.error("--length must be >= 100 (the needle and question fit), --examples >= 1, --pad-to >= 0")
     if args.depth is not None and not 0 <= args.depth <= 1:
         p.error(f"--depth must lie in [0, 1], got {args.depth}")
-    out = probe(args.checkpoint, args.length, args.examples, args.seed, args.pad_to, args.depth)
+    out = probe(args.checkpoint, args.length, args.examples, args.seed, args.pad_to, args.depth,
+                args.forget_scale)
     print(json.dumps(out, indent=1))
 
 

@@ -243,6 +243,17 @@ def test_eval_cli_writes_the_report(run_dir, corpus_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "al" / "result.json").read_text())["align"] == 16
     assert "ends a block of 16 tokens" in (tmp_path / "al" / "result.md").read_text()
+    assert "--forget-scale" not in (tmp_path / "al" / "result.md").read_text()
+    # read with slower forgetting: recorded, said, and it changes what the memory keeps
+    code = cli(["eval", "--checkpoint", str(run_dir), "--task", "niah_single_1", "--lengths", "256",
+                "--examples", "2", "--data", str(corpus_dir), "--align", "16", "--forget-scale", "0",
+                "--out", str(tmp_path / "fs")])
+    assert code == 0, capsys.readouterr().err
+    slow, base = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("fs", "al"))
+    assert slow["forget_scale"] == 0.0 and base["forget_scale"] == 1.0
+    assert "multiplied by 0 (`--forget-scale`)" in (tmp_path / "fs" / "result.md").read_text()
+    loss = lambda r: [row.get("answer_loss") for row in r["rows"]]  # noqa: E731
+    assert loss(slow) != loss(base)
 
 
 def test_device_choice_is_validated():
@@ -268,3 +279,5 @@ def test_eval_cli_errors_are_one_line(run_dir, capsys):
     assert "--cuda-graphs needs a CUDA device, got cpu" in capsys.readouterr().err
     assert cli(["eval", "--checkpoint", str(run_dir), "--task", "niah", "--align", "-4"]) == 1
     assert "--align must be an int >= 0 (0: off), got -4" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(run_dir), "--task", "niah", "--forget-scale", "1.5"]) == 1
+    assert "--forget-scale: forget_scale must be a number in [0, 1]" in capsys.readouterr().err

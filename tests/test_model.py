@@ -153,6 +153,45 @@ def test_detach_kv_cuts_the_write_and_keeps_the_read_back():
         assert reaches(outs[0].pow(2).sum()) == read_reaches, name
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_forget_scale_zero_is_a_memory_that_never_forgets(variant):
+    """set_forget_scale(0) gives the logits of the same model with its forgetting gates' biases at
+    -1e4 (alpha = sigmoid(-1e4) = 0 in float64): an independent way to switch forgetting off. 1 is
+    the model as built, bit for bit; 0.5 lies between; the config records the value."""
+    tokens = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(9))
+    base = make(variant)
+    ref_logits, _ = base(tokens)
+    shut = make(variant)
+    with torch.no_grad():
+        for m in shut.modules():
+            if isinstance(m, NeuralMemoryForTest):
+                rows = m.gates.bias.view(len(m.gate_names), m.heads, -1)
+                rows[m.gate_names.index("alpha")] = -1e4
+    shut_logits, _ = shut(tokens)
+    assert (shut_logits - ref_logits).abs().max() > 1e-6  # forgetting matters at this length
+    for scale, expect in ((1.0, ref_logits), (0.0, shut_logits)):
+        model = make(variant)
+        model.set_forget_scale(scale)
+        assert model.config.forget_scale == scale
+        logits, _ = model(tokens)
+        tol = 0 if scale == 1 else 1e-10
+        torch.testing.assert_close(logits, expect, rtol=tol, atol=tol)
+    half = make(variant, forget_scale=0.5)
+    logits, _ = half(tokens)
+    assert (logits - ref_logits).abs().max() > 1e-8 and (logits - shut_logits).abs().max() > 1e-8
+
+
+def test_forget_scale_is_validated():
+    with pytest.raises(ValueError, match=r"forget_scale must be a number in \[0, 1\]"):
+        TitansConfig.from_preset("tiny", variant="mac", forget_scale=1.5)
+    with pytest.raises(ValueError, match="forget_scale"):
+        NeuralMemoryForTest(8, 2, forget_scale=True)
+    with pytest.raises(ValueError, match="has no neural memory"):
+        make("transformer").set_forget_scale(0.5)
+    with pytest.raises(ValueError, match=r"set_forget_scale: forget_scale must be a number in \[0, 1\]"):
+        make("lmm").set_forget_scale(-0.1)
+
+
 def test_second_order_is_validated():
     with pytest.raises(ValueError, match=r"second_order must be a number in \[0, 1\]"):
         TitansConfig.from_preset("tiny", variant="mac", second_order=2.0)

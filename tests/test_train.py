@@ -593,9 +593,10 @@ def test_init_from_may_change_a_gradient_only_field(trained, tmp_path, corpus_di
 
     cfg = small_config(tmp_path, corpus_dir, **{"train.init_from": str(trained), "train.steps": 1,
                                                 "optim.lr": 1e-12, "optim.warmup_steps": 0,
-                                                "model.first_order": True})
+                                                "model.first_order": True, "model.forget_scale": 0.5})
     s = train(cfg, log=quiet)
     assert open_checkpoint(s["run_dir"]).config.first_order is True
+    assert open_checkpoint(s["run_dir"]).config.forget_scale == 0.5  # changes no parameter either
     assert open_checkpoint(trained).config.first_order is False
     base, new = load(trained)[0].state_dict(), load(s["run_dir"])[0].state_dict()
     assert all(torch.allclose(base[k], new[k], atol=1e-6) for k in base)

@@ -404,6 +404,9 @@ def write_report(result: dict, out_dir: Path) -> dict:
     md = [f"# Evaluation of `{result['checkpoint']}`", "",
           f"variant {result['variant']}, {result['parameters']:,} parameters, trained on "
           f"{result['tokens_seen']:,} tokens; command: `{result['command']}`", ""]
+    if result.get("forget_scale", 1.0) != 1.0:
+        md += [f"Read with every memory's forgetting gate alpha multiplied by {result['forget_scale']:g} "
+               "(`--forget-scale`).", ""]
     if result.get("align"):
         md += [f"Needle and bAbI prompts padded so that each answer ends a block of {result['align']} tokens "
                "(`--align`).", ""]
@@ -469,18 +472,25 @@ def write_report(result: dict, out_dir: Path) -> dict:
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
              out_dir: str | Path | None = None, command: str = "", device: str = "cpu", batch_size: int = 1,
-             cuda_graphs: bool = False, separator: bool = True, align: int = 0, log=print) -> dict:
+             cuda_graphs: bool = False, separator: bool = True, align: int = 0, forget_scale: float = 1.0,
+             log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N.
     batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR).
     cuda_graphs: run the memory's chunk loops as CUDA graphs (titans.memory.graph_chunks; CUDA only).
     separator: the needle and bAbI prompts are read after the document separator (`answers`).
     align: needle and bAbI prompts get more leading separators, so that the answer ends a block of
-    `align` tokens (`graded_answers`; 0: off)."""
+    `align` tokens (`graded_answers`; 0: off). forget_scale: read with every memory's forgetting
+    gate multiplied by this number in [0, 1] (`TitansLM.set_forget_scale`; 1: as trained)."""
     from .memory import chunks_graphed, graph_chunks
+    from .memory.layer import check_forget_scale
 
     if isinstance(align, bool) or not isinstance(align, int) or align < 0:
         raise TitansError(f"--align must be an int >= 0 (0: off), got {align!r}")
+    try:
+        forget_scale = check_forget_scale(forget_scale, "--forget-scale")
+    except ValueError as e:
+        raise TitansError(str(e)) from None
     if n_examples < 1 or max_tokens < 2 or piece < 1 or batch_size < 1:
         raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
                           f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
@@ -492,19 +502,24 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
         graph_chunks()
     try:
         return _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir,
-                         command, target, batch_size, separator, align, log)
+                         command, target, batch_size, separator, align, forget_scale, log)
     finally:
         if graph_here:
             graph_chunks(False)
 
 
 def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piece, seed, out_dir, command,
-              target, batch_size, separator, align, log) -> dict:
+              target, batch_size, separator, align, forget_scale, log) -> dict:
     from .checkpoint import open_checkpoint
     from .model import count_parameters
 
     ckpt = open_checkpoint(checkpoint)
     model, tokenizer = ckpt.load_model()
+    if forget_scale != 1.0:
+        try:
+            model.set_forget_scale(forget_scale)
+        except ValueError as e:
+            raise TitansError(str(e).replace("TitansLM.set_forget_scale", "--forget-scale")) from None
     model.to(target)
     torch.manual_seed(seed)
     rows: list[dict] = []
@@ -531,7 +546,8 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
     result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
               "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
               "max_tokens": max_tokens, "device": str(target), "batch_size": batch_size,
-              "separator": separator, "align": align, "command": command, "rows": rows}
+              "separator": separator, "align": align, "forget_scale": forget_scale, "command": command,
+              "rows": rows}
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
     result["paths"] = write_report(result, out)
     return result
@@ -572,6 +588,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="run the memory's chunk loops as CUDA graphs (4-8x faster on a GPU; same "
                              "results)")
+    parser.add_argument("--forget-scale", type=float, default=1.0, metavar="S",
+                        help="multiply every memory's forgetting gate alpha by S in [0, 1] while reading "
+                             "(default 1: as trained; lower keeps what was written longer, for lengths past "
+                             "the training length)")
     parser.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval")
 
 
@@ -593,7 +613,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, tasks, parse_lengths(args.lengths), data_dir=args.data,
                       n_examples=args.examples, max_tokens=args.max_tokens, piece=args.piece, seed=args.seed,
                       out_dir=args.out, command=command, device=args.device, batch_size=args.batch_size,
-                      cuda_graphs=args.cuda_graphs, separator=not args.no_separator, align=args.align)
+                      cuda_graphs=args.cuda_graphs, separator=not args.no_separator, align=args.align,
+                      forget_scale=args.forget_scale)
     print(Path(result["paths"]["md"]).read_text())
     print("Wrote " + ", ".join(result["paths"].values()))
     return 0

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .attention import Attention
 from .blocks.mixers import LMM, MAC, MAG, MAL
 from .memory import NeuralMemory
+from .memory.layer import check_forget_scale
 from .memory.functional import silu_grad
 
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa", "gated_deltanet", "ttt_mlp")
@@ -44,6 +45,8 @@ PRESETS: dict[str, dict] = {
 # TitansConfig fields that change only the backward pass: a model fine-tuned with another value
 # (train.init_from) computes the same function
 GRADIENT_ONLY_FIELDS = ("first_order", "second_order", "detach_write", "detach_kv")
+# fields that change no parameter: a checkpoint's weights fit a model with any value of them
+PARAMETER_FREE_FIELDS = (*GRADIENT_ONLY_FIELDS, "forget_scale")
 
 
 @dataclass
@@ -82,6 +85,10 @@ class TitansConfig:
     # keep this share (in [0, 1]) of the inner loop's second derivatives in the outer gradient instead
     # of all (1, exact) or none (first_order); exclusive with first_order. Forward pass unchanged.
     second_order: float = 1.0
+    # multiply every memory's forgetting gate alpha by this number in [0, 1] (1: as learned). Changes
+    # no parameter: `TitansLM.set_forget_scale` (and `titans eval --forget-scale`) reads a trained
+    # model past its training length with slower forgetting. NeuralMemory's docstring.
+    forget_scale: float = 1.0
     # MAC: RMSNorm (learnable weight) on the attention output before the memory writes it and reads
     # it back (SPEC §4 writes the output as it is: off by default). The block's pre-norm gives LMM,
     # MAG and MAL normalised memory inputs; MAC's write input is the attention's output projection,
@@ -134,6 +141,10 @@ class TitansConfig:
                      "conv", "per_layer_gates"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+        try:
+            check_forget_scale(self.forget_scale, "TitansConfig")
+        except ValueError as e:
+            bad(str(e).removeprefix("TitansConfig: "))
         so = self.second_order
         if isinstance(so, bool) or not isinstance(so, (int, float)) or not 0.0 <= so <= 1.0:
             bad(f"second_order must be a number in [0, 1] (1: the exact gradient), got {so!r}")
@@ -229,7 +240,8 @@ def build_mixer(cfg: TitansConfig) -> nn.Module:
         opts = dict(depth=cfg.memory_depth, expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
                     momentum=cfg.momentum, forgetting=cfg.forgetting, conv=cfg.conv,
                     per_layer_gates=cfg.per_layer_gates, theta_max=cfg.theta_max, grad_clip=cfg.grad_clip,
-                    forget_to=cfg.forget_to, first_order=cfg.first_order, second_order=cfg.second_order)
+                    forget_to=cfg.forget_to, first_order=cfg.first_order, second_order=cfg.second_order,
+                    forget_scale=cfg.forget_scale)
         return NeuralMemory(cfg.dim, cfg.n_heads, **{**opts, **kw})
 
     def attention(window, n_persistent):
@@ -320,6 +332,18 @@ class TitansLM(nn.Module):
             for name, p in block.named_parameters():
                 if name.endswith(("out.weight", "out_proj.weight", "down.weight")):
                     nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+
+    def set_forget_scale(self, scale: float) -> None:
+        """Multiply every neural memory's forgetting gate alpha by `scale` in [0, 1] from now on (1: as
+        learned); recorded in self.config. For reading a trained model past its training length."""
+        scale = check_forget_scale(scale, "TitansLM.set_forget_scale")
+        memories = [m for m in self.modules() if isinstance(m, NeuralMemory)]
+        if not memories:
+            raise ValueError(f"TitansLM.set_forget_scale: variant {self.config.variant!r} has no neural "
+                             "memory to scale; it applies to lmm, mac, mag, mal (ttt_mlp never forgets)")
+        for m in memories:
+            m.forget_scale = scale
+        self.config = dataclasses.replace(self.config, forget_scale=scale)
 
     def init_state(self, batch_size: int) -> LMState:
         return LMState([b.mixer.init_state(batch_size) for b in self.blocks], 0)

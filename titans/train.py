@@ -45,7 +45,7 @@ from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
 from .device import pick_device
 from .errors import TitansError
 from .memory import chunks_compiled, chunks_graphed, compile_chunks, graph_chunks
-from .model import GRADIENT_ONLY_FIELDS, PRESETS, TitansConfig, TitansLM, count_parameters
+from .model import PARAMETER_FREE_FIELDS, PRESETS, TitansConfig, TitansLM, count_parameters
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -459,9 +459,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
             ckpt.load_weights(model)
         elif t.init_from:  # fine-tuning: weights only; optimizer, schedule and data start afresh
             base = open_checkpoint(t.init_from)
-            # fields that change only the backward pass may differ (e.g. fine-tuning with first_order)
+            # fields that change no parameter may differ (e.g. fine-tuning with first_order)
             same = dataclasses.replace(base.config,
-                                       **{f: getattr(model_cfg, f) for f in GRADIENT_ONLY_FIELDS})
+                                       **{f: getattr(model_cfg, f) for f in PARAMETER_FREE_FIELDS})
             if same != model_cfg:
                 raise TitansError(f"train.init_from {base.path}: its model config differs "
                                   f"({_config_diff(base.config, model_cfg)})")

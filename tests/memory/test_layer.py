@@ -242,6 +242,24 @@ def test_ablations_switch_gates_off(captured_gates):
     assert (alpha == 0).all() and (eta == 0).all() and (theta > 0).all()
 
 
+@pytest.mark.parametrize("option", ["default", "per_layer_gates_depth3", "forget_to_init"])
+def test_forget_scale_scales_alpha_and_nothing_else(captured_gates, option):
+    """forget_scale s hands s * alpha to the recurrence, with the same eta and theta, for the same
+    weights; s = 1 is the layer as built."""
+    x = randn(2, 9, 8, seed=11)
+    for s in (1.0, 0.25, 0.0):
+        mod = make_layer(seed=14, forget_scale=s, **LAYER_OPTIONS[option])
+        with torch.no_grad():
+            mod(x)
+    (a1, e1, t1), (a25, e25, t25), (a0, e0, t0) = captured_gates
+    assert (a1 > 0).all()
+    torch.testing.assert_close(a25, 0.25 * a1, rtol=0, atol=0)
+    assert (a0 == 0).all()
+    for e, t in ((e25, t25), (e0, t0)):
+        torch.testing.assert_close(e, e1, rtol=0, atol=0)
+        torch.testing.assert_close(t, t1, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- input checks
 
 @pytest.mark.parametrize("args, kwargs, match", [
@@ -252,6 +270,8 @@ def test_ablations_switch_gates_off(captured_gates):
     ((12, 2), {"expansion": 0}, "expansion"),
     ((12, 2), {"theta_max": 0.0}, "theta_max"),
     ((12, 2), {"grad_clip": -1.0}, "grad_clip"),
+    ((12, 2), {"forget_scale": 1.5}, "forget_scale"),
+    ((12, 2), {"forget_scale": -0.5}, "forget_scale"),
 ])
 def test_bad_constructor_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):

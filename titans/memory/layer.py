@@ -40,6 +40,14 @@ class NeuralMemoryState:
         return NeuralMemoryState(self.memory.detach(), cut(self.conv), cut(self.gate))
 
 
+def check_forget_scale(value, where: str) -> float:
+    """value as a float in [0, 1], or ValueError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: forget_scale must be a number in [0, 1] (1: the learned forgetting, "
+                         f"0: none), got {value!r}")
+    return float(value)
+
+
 class NeuralMemory(nn.Module):
     """Neural long-term memory layer.
 
@@ -57,13 +65,17 @@ class NeuralMemory(nn.Module):
     second derivatives, the path along which it explodes with length (README "Training").
     second_order: keep this share (in [0, 1]) of those second derivatives instead of all (1, exact)
     or none (first_order); 0.5 bounds the pass-key MAC's gradient to 2K tokens (README "Training").
+    forget_scale: multiply the forgetting gate alpha by this number in [0, 1] (1: as learned, 0: no
+    forgetting). A knob for reading past the training length (the gate is learned for rows of the
+    training length and erases a key written further back; README "What limits the pass key past
+    its training length"); it changes no parameter, so a trained model can be read with any value.
     """
 
     def __init__(self, dim: int, heads: int, *, depth: int = 2, expansion: int = 4, chunk_size: int = 16,
                  momentum: bool = True, forgetting: bool = True, conv: bool = True,
                  per_layer_gates: bool = False, chunk_gates: bool = False, theta_max: float = 1.0,
                  grad_clip: float | None = None, conv_kernel: int = 4, forget_to: str = "zero",
-                 first_order: bool = False, second_order: float = 1.0):
+                 first_order: bool = False, second_order: float = 1.0, forget_scale: float = 1.0):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("depth", depth), ("expansion", expansion),
                           ("chunk_size", chunk_size), ("conv_kernel", conv_kernel)):
@@ -86,6 +98,7 @@ class NeuralMemory(nn.Module):
         if first_order and second_order != 1.0:
             raise ValueError(f"NeuralMemory: first_order=True is second_order=0; got both (second_order="
                              f"{second_order!r}): pass one of them")
+        self.forget_scale = check_forget_scale(forget_scale, "NeuralMemory")
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, dim // heads, depth
         self.chunk_size, self.momentum, self.forgetting = chunk_size, momentum, forgetting
         self.per_layer_gates, self.chunk_gates = per_layer_gates, chunk_gates
@@ -160,7 +173,10 @@ class NeuralMemory(nn.Module):
         named = dict(zip(self.gate_names, torch.sigmoid(g).unbind(0)))
         theta = named["theta"] * self.theta_max
         zeros = torch.zeros_like(theta)
-        return named.get("alpha", zeros), named.get("eta", zeros), theta, carry
+        alpha = named.get("alpha", zeros)
+        if self.forget_scale != 1.0:
+            alpha = alpha * self.forget_scale
+        return alpha, named.get("eta", zeros), theta, carry
 
     def _chunk_gate_logits(self, logits: Tensor, state: NeuralMemoryState | None):
         """Every token takes the gate logits of its chunk's first token (stream-aligned chunks)."""
