@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .attention import Attention
 from .blocks.mixers import LMM, MAC, MAG, MAL
 from .memory import NeuralMemory
-from .memory.layer import check_forget_scale
 from .memory.functional import silu_grad
+from .memory.layer import check_forget_scale
 
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa", "gated_deltanet", "ttt_mlp")
 
