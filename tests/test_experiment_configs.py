@@ -134,3 +134,49 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
     assert shallow2 != pytest.approx(drawn2, rel=1e-3)
     # padded, the prompt sits after separators: the same tokens, read in another context
     assert padded["prompt_loss_nats_per_token"] != pytest.approx(drawn3, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mac", "lmm"])
+def test_forgetting_horizon_reads_the_gates_the_recurrence_gets(tmp_path, monkeypatch, variant):
+    """experiments/forgetting_horizon.py on a saved tiny model: its alpha (read off the gate map's
+    output) is the alpha the layer hands to the memory recurrence, every prompt token once; the
+    retention is the product of (1 - alpha) of the best head; forget_scale 0 keeps everything."""
+    import forgetting_horizon
+    import torch
+
+    from titans import TitansConfig, TitansLM
+    from titans.checkpoint import save_checkpoint
+    from titans.data.tokenizer import ByteTokenizer
+    from titans.memory import layer as layer_mod
+
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant=variant, dim=32, n_layers=2, n_heads=2,
+                                              mlp_hidden=64, segment_len=32, window=32, n_persistent=2))
+    with torch.no_grad():  # livelier forgetting gates than at init
+        for m in model.modules():
+            if isinstance(m, layer_mod.NeuralMemory):
+                m.gates.weight.normal_(0, 0.3)
+    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=model.config, train_config={},
+                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    seen = []
+    real = layer_mod.run_memory
+
+    def spy(q, k, v, alpha, eta, theta, weights, **kw):
+        seen.append(alpha.detach()[0])  # (heads, T)
+        return real(q, k, v, alpha, eta, theta, weights, **kw)
+
+    monkeypatch.setattr(layer_mod, "run_memory", spy)
+    out = forgetting_horizon.horizon(str(tmp_path / "run"), [150])
+    rows = out["rows"]
+    assert len(rows) == 2 and all(r["tokens_gated"] == r["length"] for r in rows)
+    per_memory = len(seen) // 2  # the calls of block 0, then of block 1
+    for i, r in enumerate(rows):
+        alpha = torch.cat(seen[i * per_memory:(i + 1) * per_memory], dim=1)  # (heads, T)
+        assert alpha.shape[1] == r["length"]
+        assert r["alpha_mean"] == pytest.approx(alpha.mean().item(), rel=1e-5)
+        keep = torch.prod(1 - alpha.double(), dim=1)
+        assert r["retention_best_head"] == pytest.approx(keep.max().item(), rel=1e-4)
+        assert 0 < r["retention_best_head"] < 1
+    kept = forgetting_horizon.horizon(str(tmp_path / "run"), [150], forget_scale=0.0)
+    assert all(r["alpha_mean"] == 0 and r["retention_best_head"] == 1 for r in kept["rows"])
+    assert f"| blocks.0.mixer.memory | {rows[0]['length']} |" in forgetting_horizon.markdown(out)
