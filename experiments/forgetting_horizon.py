@@ -22,14 +22,14 @@ import math
 import torch
 
 
-def horizon(checkpoint: str, lengths: list[int], seed: int = 0, forget_scale: float = 1.0) -> dict:
+def horizon(checkpoint: str, lengths: list[int], seed: int = 0, forget_scale: float | None = None) -> dict:
     """{"rows": one per memory and length, with mean alpha and the retention per head}."""
     from titans.checkpoint import load
     from titans.memory import NeuralMemory
     from titans.tasks.niah import make_niah
 
     model, tokenizer = load(checkpoint)
-    if forget_scale != 1.0:
+    if forget_scale is not None and forget_scale != model.config.forget_scale:
         model.set_forget_scale(forget_scale)
     memories = [(name, m) for name, m in model.named_modules() if isinstance(m, NeuralMemory)]
     if not memories or not all(m.forgetting for _, m in memories):
@@ -62,7 +62,7 @@ def horizon(checkpoint: str, lengths: list[int], seed: int = 0, forget_scale: fl
                          "retention_per_head": keep.amax(-1).tolist(),
                          "retention_best_head": keep.max().item(),
                          "log10_retention_best_head": log_keep.max().item() / math.log(10)})
-    return {"checkpoint": checkpoint, "forget_scale": forget_scale, "seed": seed, "rows": rows}
+    return {"checkpoint": checkpoint, "forget_scale": model.config.forget_scale, "seed": seed, "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -81,8 +81,9 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoints/step_* folder")
     p.add_argument("--lengths", default="2032", help="comma-separated prompt lengths in tokens (>= 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--forget-scale", type=float, default=1.0, metavar="S",
-                   help="read with every memory's forgetting gate multiplied by S in [0, 1] (default 1)")
+    p.add_argument("--forget-scale", type=float, default=None, metavar="S",
+                   help="read with every memory's forgetting gate multiplied by S in [0, 1] "
+                        "(default: as trained, 1 unless the run set model.forget_scale)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
     args = p.parse_args()
     try:
@@ -91,7 +92,7 @@ def main() -> None:
         p.error(f"--lengths {args.lengths!r}: expected comma-separated integers")
     if not lengths or min(lengths) < 100:
         p.error(f"--lengths {args.lengths!r}: each length must be >= 100 (the needle and question fit)")
-    if not 0 <= args.forget_scale <= 1:
+    if args.forget_scale is not None and not 0 <= args.forget_scale <= 1:
         p.error(f"--forget-scale must lie in [0, 1], got {args.forget_scale}")
     result = horizon(args.checkpoint, lengths, args.seed, args.forget_scale)
     if args.json:

@@ -38,12 +38,12 @@ import torch
 
 
 def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: int = 0,
-          depth: float | None = None, forget_scale: float = 1.0) -> dict:
+          depth: float | None = None, forget_scale: float | None = None) -> dict:
     from titans.checkpoint import load
     from titans.tasks.niah import make_niah
 
     model, tokenizer = load(checkpoint)
-    if forget_scale != 1.0:
+    if forget_scale is not None and forget_scale != model.config.forget_scale:
         model.set_forget_scale(forget_scale)
     sep = tokenizer.eos_id
 
@@ -94,7 +94,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         "length": length,
         "pad_to": pad_to,
         "depth": depth,
-        "forget_scale": forget_scale,
+        "forget_scale": model.config.forget_scale,
         "examples": examples,
         "answer_loss_nats_per_token": nats / tokens,
         "digit_accuracy_teacher_forced": right / digits,
@@ -125,10 +125,11 @@ def main() -> None:
                    help="left-pad each example with the document separator to N tokens, as training rows are")
     p.add_argument("--depth", type=float, default=None,
                    help="the needle's depth in the context, 0 (start) to 1 (end); default: drawn per example")
-    p.add_argument("--forget-scale", type=float, default=1.0, metavar="S",
-                   help="read with every memory's forgetting gate multiplied by S in [0, 1] (default 1)")
+    p.add_argument("--forget-scale", type=float, default=None, metavar="S",
+                   help="read with every memory's forgetting gate multiplied by S in [0, 1] "
+                        "(default: as trained, 1 unless the run set model.forget_scale)")
     args = p.parse_args()
-    if not 0 <= args.forget_scale <= 1:
+    if args.forget_scale is not None and not 0 <= args.forget_scale <= 1:
         p.error(f"--forget-scale must lie in [0, 1], got {args.forget_scale}")
     if args.length < 100 or args.examples < 1 or args.pad_to < 0:
         p.error("--length must be >= 100 (the needle and question fit), --examples >= 1, --pad-to >= 0")

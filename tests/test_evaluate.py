@@ -4,6 +4,7 @@ CLI writes its report and refuses bad input in one line."""
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -251,9 +252,23 @@ def test_eval_cli_writes_the_report(run_dir, corpus_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     slow, base = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("fs", "al"))
     assert slow["forget_scale"] == 0.0 and base["forget_scale"] == 1.0
-    assert "multiplied by 0 (`--forget-scale`)" in (tmp_path / "fs" / "result.md").read_text()
+    assert "multiplied by 0 (`forget_scale`" in (tmp_path / "fs" / "result.md").read_text()
     loss = lambda r: [row.get("answer_loss") for row in r["rows"]]  # noqa: E731
     assert loss(slow) != loss(base)
+    # a run trained with model.forget_scale=0 is read at 0 unless told otherwise, and says so
+    trained0 = tmp_path / "run0"
+    shutil.copytree(run_dir, trained0)
+    for cfg_file in trained0.glob("checkpoints/*/config.json"):
+        saved = json.loads(cfg_file.read_text())
+        saved["model"]["forget_scale"] = 0.0
+        cfg_file.write_text(json.dumps(saved))
+    for flag, name, same in (([], "d0", slow), (["--forget-scale", "1"], "d1", base)):
+        code = cli(["eval", "--checkpoint", str(trained0), "--task", "niah_single_1", "--lengths", "256",
+                    "--examples", "2", "--data", str(corpus_dir), "--align", "16", *flag,
+                    "--out", str(tmp_path / name)])
+        assert code == 0, capsys.readouterr().err
+        got = json.loads((tmp_path / name / "result.json").read_text())
+        assert got["forget_scale"] == same["forget_scale"] and loss(got) == loss(same), name
 
 
 def test_device_choice_is_validated():

@@ -406,7 +406,7 @@ def write_report(result: dict, out_dir: Path) -> dict:
           f"{result['tokens_seen']:,} tokens; command: `{result['command']}`", ""]
     if result.get("forget_scale", 1.0) != 1.0:
         md += [f"Read with every memory's forgetting gate alpha multiplied by {result['forget_scale']:g} "
-               "(`--forget-scale`).", ""]
+               "(`forget_scale`; `--forget-scale` sets it).", ""]
     if result.get("align"):
         md += [f"Needle and bAbI prompts padded so that each answer ends a block of {result['align']} tokens "
                "(`--align`).", ""]
@@ -472,8 +472,8 @@ def write_report(result: dict, out_dir: Path) -> dict:
 def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, data_dir="data",
              n_examples: int = 10, max_tokens: int = 65536, piece: int = 2048, seed: int = 0,
              out_dir: str | Path | None = None, command: str = "", device: str = "cpu", batch_size: int = 1,
-             cuda_graphs: bool = False, separator: bool = True, align: int = 0, forget_scale: float = 1.0,
-             log=print) -> dict:
+             cuda_graphs: bool = False, separator: bool = True, align: int = 0,
+             forget_scale: float | None = None, log=print) -> dict:
     """Run the named tasks (see ALL_TASKS and titans.tasks.TASKS) on a checkpoint and write the
     report; returns {"rows": [...], "paths": {...}, ...}. `device`: auto, cpu, cuda or cuda:N.
     batch_size: examples streamed side by side by the accuracy tasks (needles, bAbI, MQAR).
@@ -481,16 +481,18 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
     separator: the needle and bAbI prompts are read after the document separator (`answers`).
     align: needle and bAbI prompts get more leading separators, so that the answer ends a block of
     `align` tokens (`graded_answers`; 0: off). forget_scale: read with every memory's forgetting
-    gate multiplied by this number in [0, 1] (`TitansLM.set_forget_scale`; 1: as trained)."""
+    gate multiplied by this number in [0, 1] (`TitansLM.set_forget_scale`; None: the checkpoint's own
+    value, 1 unless it was trained with another); the result records the value read with."""
     from .memory import chunks_graphed, graph_chunks
     from .memory.layer import check_forget_scale
 
     if isinstance(align, bool) or not isinstance(align, int) or align < 0:
         raise TitansError(f"--align must be an int >= 0 (0: off), got {align!r}")
-    try:
-        forget_scale = check_forget_scale(forget_scale, "--forget-scale")
-    except ValueError as e:
-        raise TitansError(str(e)) from None
+    if forget_scale is not None:
+        try:
+            forget_scale = check_forget_scale(forget_scale, "--forget-scale")
+        except ValueError as e:
+            raise TitansError(str(e)) from None
     if n_examples < 1 or max_tokens < 2 or piece < 1 or batch_size < 1:
         raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
                           f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
@@ -515,7 +517,7 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
 
     ckpt = open_checkpoint(checkpoint)
     model, tokenizer = ckpt.load_model()
-    if forget_scale != 1.0:
+    if forget_scale is not None and forget_scale != model.config.forget_scale:
         try:
             model.set_forget_scale(forget_scale)
         except ValueError as e:
@@ -546,8 +548,8 @@ def _evaluate(checkpoint, tasks, lengths, data_dir, n_examples, max_tokens, piec
     result = {"checkpoint": str(ckpt.path), "variant": ckpt.config.variant,
               "parameters": count_parameters(model), "tokens_seen": ckpt.meta.get("tokens_seen", 0),
               "max_tokens": max_tokens, "device": str(target), "batch_size": batch_size,
-              "separator": separator, "align": align, "forget_scale": forget_scale, "command": command,
-              "rows": rows}
+              "separator": separator, "align": align, "forget_scale": model.config.forget_scale,
+              "command": command, "rows": rows}
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent.parent / "eval"
     result["paths"] = write_report(result, out)
     return result
@@ -588,10 +590,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="run the memory's chunk loops as CUDA graphs (4-8x faster on a GPU; same "
                              "results)")
-    parser.add_argument("--forget-scale", type=float, default=1.0, metavar="S",
+    parser.add_argument("--forget-scale", type=float, default=None, metavar="S",
                         help="multiply every memory's forgetting gate alpha by S in [0, 1] while reading "
-                             "(default 1: as trained; lower keeps what was written longer, for lengths past "
-                             "the training length)")
+                             "(default: as trained, 1 unless the run set model.forget_scale; lower keeps "
+                             "what was written longer, for lengths past the training length)")
     parser.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval")
 
 
