@@ -68,7 +68,9 @@ def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch
     h = x @ proj.t()
     y_ref, tail_ref = _reference(h, cache, w), torch.cat([cache, h], dim=1)[:, -3:]
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(tail, tail_ref, rtol=0, atol=0)
+    # the tail is the last rows of h, computed block by block: equal up to the matmul's rounding, which
+    # can differ by the last bit between a block and the whole (BLAS picks its kernel by shape and load)
+    torch.testing.assert_close(tail, tail_ref, rtol=1e-14, atol=1e-14)
     dy, dt = (torch.randn(t.shape, dtype=torch.float64, generator=g) for t in (y, tail))
     inputs = (x, proj, cache, w)
     grads = torch.autograd.grad((y, tail), inputs, (dy, dt))
