@@ -26,6 +26,13 @@ separators, its answers tied to where they fall in a segment).
 `prompt_loss_nats_per_token` is the next-token loss on the prompt itself: a model that cannot read
 a prompt of this length (filler it never saw, positions past its training length) shows it there
 before any question of retrieval.
+
+`per_example` lists each example's seed, where its key sits in the row (`key_start`, `key_end`: the
+first and last token of the key's digits, exact for the byte tokenizer), its digits right, answer
+loss and key influence. For MAC it adds `key_split`: whether the key's digits cross a boundary
+between two segments (`model.segment_len`, counted from the row's first token), and the summary
+`by_key_split` gives digits right and key influence for split and unsplit keys apart (a MAC reads a
+key cut in two by a segment boundary far worse; README, "The same MAC at 2K tokens on an H100").
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         return [sep] * max(0, pad_to - len(ids) - len(answer)) + ids
 
     nats, tokens, digits, right, exact, influence = 0.0, 0, 0, 0, 0, 0.0
+    segment = model.config.segment_len if model.config.variant == "mac" else 0
+    per_example: list[dict] = []
     prompt_nats, prompt_tokens = 0.0, 0
     by_start: dict[str, list[float]] = {}
     digit_hits: list[list[bool]] = []  # per example, the teacher-forced hit of each digit of the key
@@ -66,20 +75,32 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
                 answer.append(sep)
             ids = tokenizer.encode(ex.prompt)
             prompt, prompt2 = row(ids, answer), row(tokenizer.encode(changed), answer)
+            at = ex.prompt.index(key)  # the key's digits, as token positions in the row
+            key_start = len(prompt) - len(ids) + len(tokenizer.encode(ex.prompt[:at]))
+            key_end = len(prompt) - len(ids) + len(tokenizer.encode(ex.prompt[:at + len(key)])) - 1
             logits, _ = model(torch.tensor([prompt + answer]))
             digit = torch.tensor([tokenizer.decode([t]).strip().isdigit() for t in answer])
             j = int(digit.nonzero()[0])  # the first digit of the answer
             first = logits[0, len(prompt) - 1 + j].float().softmax(-1)
             first2 = model(torch.tensor([prompt2 + answer[:j]]))[0][0, -1].float().softmax(-1)
-            influence += 0.5 * (first - first2).abs().sum().item()
+            example_influence = 0.5 * (first - first2).abs().sum().item()
+            influence += example_influence
             by_start.setdefault(key[0], []).append(first[answer[j]].item())
             # the logits that predict each answer token: positions len(prompt) - 1 ... end - 1
             pred = logits[0, len(prompt) - 1:-1].float()
             target = torch.tensor(answer)
-            nats += torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
+            example_nats = torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
+            nats += example_nats
             hits = pred.argmax(-1) == target
             digits += int(digit.sum())
             digit_hits.append(hits[digit].tolist())
+            record = {"seed": seed + i, "key_start": key_start, "key_end": key_end,
+                      "digits_right": int((hits & digit).sum()), "digits": int(digit.sum()),
+                      "answer_loss_nats_per_token": example_nats / len(answer),
+                      "key_influence": example_influence}
+            if segment:
+                record["key_split"] = key_start // segment != key_end // segment
+            per_example.append(record)
             right += int((hits & digit).sum())
             exact += int(hits.all())
             tokens += len(answer)
@@ -112,7 +133,24 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         # teacher-forced accuracy of the key's 1st, 2nd, ... digit: whether the key is lost as a whole
         # or the start is found and the continuation is not
         "digit_accuracy_by_position": [sum(h) / len(h) for h in zip(*digit_hits)],
+        **({"by_key_split": by_key_split(per_example)} if segment else {}),
+        "per_example": per_example,
     }
+
+
+def by_key_split(per_example: list[dict]) -> dict:
+    """Digits right and key influence for the examples whose key crosses a segment boundary and for
+    the others (`None` for a group with no examples)."""
+    out = {}
+    for name, split in (("split", True), ("unsplit", False)):
+        group = [r for r in per_example if r["key_split"] == split]
+        out[name] = {
+            "examples": len(group),
+            "digit_accuracy_teacher_forced": (sum(r["digits_right"] for r in group)
+                                              / sum(r["digits"] for r in group)) if group else None,
+            "key_influence": sum(r["key_influence"] for r in group) / len(group) if group else None,
+        }
+    return out
 
 
 def main() -> None:
