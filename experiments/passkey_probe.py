@@ -29,10 +29,11 @@ before any question of retrieval.
 
 `per_example` lists each example's seed, where its key sits in the row (`key_start`, `key_end`: the
 first and last token of the key's digits, exact for the byte tokenizer), its digits right, answer
-loss and key influence. For MAC it adds `key_split`: whether the key's digits cross a boundary
-between two segments (`model.segment_len`, counted from the row's first token), and the summary
-`by_key_split` gives digits right and key influence for split and unsplit keys apart (a MAC reads a
-key cut in two by a segment boundary far worse; README, "The same MAC at 2K tokens on an H100").
+loss and key influence. For MAC it adds `key_offset`, where the key starts in its segment
+(`key_start % model.segment_len`, segments counted from the row's first token), and the summary
+`by_key_offset` gives digits right and key influence per eighth of the segment (the tiny pass-key
+MAC reads keys that start in the first 40 of its 64 segment tokens and loses those that start after
+45; README, "The same MAC at 2K tokens on an H100").
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
                       "answer_loss_nats_per_token": example_nats / len(answer),
                       "key_influence": example_influence}
             if segment:
-                record["key_split"] = key_start // segment != key_end // segment
+                record["key_offset"] = key_start % segment
             per_example.append(record)
             right += int((hits & digit).sum())
             exact += int(hits.all())
@@ -133,23 +134,23 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
         # teacher-forced accuracy of the key's 1st, 2nd, ... digit: whether the key is lost as a whole
         # or the start is found and the continuation is not
         "digit_accuracy_by_position": [sum(h) / len(h) for h in zip(*digit_hits)],
-        **({"by_key_split": by_key_split(per_example)} if segment else {}),
+        **({"by_key_offset": by_key_offset(per_example, segment)} if segment else {}),
         "per_example": per_example,
     }
 
 
-def by_key_split(per_example: list[dict]) -> dict:
-    """Digits right and key influence for the examples whose key crosses a segment boundary and for
-    the others (`None` for a group with no examples)."""
-    out = {}
-    for name, split in (("split", True), ("unsplit", False)):
-        group = [r for r in per_example if r["key_split"] == split]
-        out[name] = {
-            "examples": len(group),
-            "digit_accuracy_teacher_forced": (sum(r["digits_right"] for r in group)
-                                              / sum(r["digits"] for r in group)) if group else None,
-            "key_influence": sum(r["key_influence"] for r in group) / len(group) if group else None,
-        }
+def by_key_offset(per_example: list[dict], segment: int, bins: int = 8) -> list[dict]:
+    """Digits right and key influence of the examples whose key starts in each of `bins` equal
+    stretches of the segment (offsets [lo, hi)); stretches without examples are left out."""
+    out = []
+    for b in range(bins):
+        lo, hi = b * segment // bins, (b + 1) * segment // bins
+        group = [r for r in per_example if lo <= r["key_offset"] < hi]
+        if group:
+            out.append({"offsets": [lo, hi], "examples": len(group),
+                        "digit_accuracy_teacher_forced": (sum(r["digits_right"] for r in group)
+                                                          / sum(r["digits"] for r in group)),
+                        "key_influence": sum(r["key_influence"] for r in group) / len(group)})
     return out
 
 
