@@ -32,8 +32,8 @@ first and last token of the key's digits, exact for the byte tokenizer), its dig
 loss and key influence. For MAC it adds `key_offset`, where the key starts in its segment
 (`key_start % model.segment_len`, segments counted from the row's first token), and the summary
 `by_key_offset` gives digits right and key influence per eighth of the segment (the tiny pass-key
-MAC reads keys that start in the first 40 of its 64 segment tokens and loses those that start after
-45; README, "The same MAC at 2K tokens on an H100").
+MAC reads keys that start in the first 45 of its 64 segment tokens and loses those that start
+later; README, "The same MAC at 2K tokens on an H100").
 """
 
 from __future__ import annotations
