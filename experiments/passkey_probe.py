@@ -93,16 +93,17 @@ def probe(checkpoint: str, length: int, examples: int, seed: int = 0, pad_to: in
             example_nats = torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
             nats += example_nats
             hits = pred.argmax(-1) == target
-            digits += int(digit.sum())
+            example_digits, example_right = int(digit.sum()), int((hits & digit).sum())
+            digits += example_digits
+            right += example_right
             digit_hits.append(hits[digit].tolist())
             record = {"seed": seed + i, "key_start": key_start, "key_end": key_end,
-                      "digits_right": int((hits & digit).sum()), "digits": int(digit.sum()),
+                      "digits_right": example_right, "digits": example_digits,
                       "answer_loss_nats_per_token": example_nats / len(answer),
                       "key_influence": example_influence}
             if segment:
                 record["key_offset"] = key_start % segment
             per_example.append(record)
-            right += int((hits & digit).sum())
             exact += int(hits.all())
             tokens += len(answer)
             # the prompt's own tokens (after the padding; the first has no context of its own)

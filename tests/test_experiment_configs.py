@@ -17,6 +17,16 @@ import table2  # noqa: E402
 from titans.errors import TitansError  # noqa: E402
 
 
+def _save(path: Path, model) -> str:
+    """A weights-only checkpoint of `model` (byte tokenizer) at `path`; its path as a string."""
+    from titans.checkpoint import save_checkpoint
+    from titans.data.tokenizer import ByteTokenizer
+
+    save_checkpoint(path, 1, model_state=model.state_dict(), config=model.config, train_config={},
+                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    return str(path)
+
+
 def _args(**kw):
     base = dict(data="data", seq_len=256, suite="babilong", lr=1e-3, steps=10, batch_size=2, bptt=0,
                 max_minutes=0.0, device="cpu", compile=False, cuda_graphs=False, table1_runs="out/t1",
@@ -93,14 +103,12 @@ def test_passkey_probe_scores_the_answer_in_both_layouts(tmp_path, monkeypatch):
     import torch
 
     from titans import TitansConfig, TitansLM
-    from titans.checkpoint import save_checkpoint
     from titans.data.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     model = TitansLM(TitansConfig.from_preset("tiny", variant="transformer", dim=32, n_layers=1, n_heads=2,
                                               mlp_hidden=64, init_std=0.3))  # far from uniform
-    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=model.config, train_config={},
-                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    _save(tmp_path / "run", model)
     plain = passkey_probe.probe(str(tmp_path / "run"), 112, 3)
     padded = passkey_probe.probe(str(tmp_path / "run"), 112, 3, pad_to=129)
     for r in (plain, padded):
@@ -144,7 +152,6 @@ def test_passkey_probe_locates_the_key_in_its_segment(tmp_path):
     import torch
 
     from titans import TitansConfig, TitansLM
-    from titans.checkpoint import save_checkpoint
     from titans.data.tokenizer import ByteTokenizer
     from titans.tasks.niah import make_niah
 
@@ -152,8 +159,7 @@ def test_passkey_probe_locates_the_key_in_its_segment(tmp_path):
     seg = 16  # short segments: the keys of a few examples start in several of its eighths
     model = TitansLM(TitansConfig.from_preset("tiny", variant="mac", dim=32, n_layers=1, n_heads=2,
                                               mlp_hidden=64, segment_len=seg, window=seg))
-    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=model.config, train_config={},
-                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    _save(tmp_path / "run", model)
     out = passkey_probe.probe(str(tmp_path / "run"), 112, 6, seed=3, pad_to=129)
     rows, tok = out["per_example"], ByteTokenizer()
     assert [r["seed"] for r in rows] == list(range(3, 9))
@@ -177,11 +183,10 @@ def test_passkey_probe_locates_the_key_in_its_segment(tmp_path):
     assert sum(g["examples"] for g in groups) == 6
     whole = sum(g["digit_accuracy_teacher_forced"] * g["examples"] for g in groups) / 6
     assert whole == pytest.approx(out["digit_accuracy_teacher_forced"])
-    # a transformer has no segments: no split, no by-split summary
+    # a transformer has no segments: no offsets, no by-offset summary
     model = TitansLM(TitansConfig.from_preset("tiny", variant="transformer", dim=32, n_layers=1, n_heads=2,
                                               mlp_hidden=64))
-    save_checkpoint(tmp_path / "tf", 1, model_state=model.state_dict(), config=model.config, train_config={},
-                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    _save(tmp_path / "tf", model)
     out = passkey_probe.probe(str(tmp_path / "tf"), 112, 2)
     assert "by_key_offset" not in out and "key_offset" not in out["per_example"][0]
 
@@ -195,8 +200,6 @@ def test_forgetting_horizon_reads_the_gates_the_recurrence_gets(tmp_path, monkey
     import torch
 
     from titans import TitansConfig, TitansLM
-    from titans.checkpoint import save_checkpoint
-    from titans.data.tokenizer import ByteTokenizer
     from titans.memory import layer as layer_mod
 
     torch.manual_seed(0)
@@ -206,8 +209,7 @@ def test_forgetting_horizon_reads_the_gates_the_recurrence_gets(tmp_path, monkey
         for m in model.modules():
             if isinstance(m, layer_mod.NeuralMemory):
                 m.gates.weight.normal_(0, 0.3)
-    save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), config=model.config, train_config={},
-                    tokenizer=ByteTokenizer(), trainer_state={}, tokens_seen=0)
+    _save(tmp_path / "run", model)
     seen = []
     real = layer_mod.run_memory
 
