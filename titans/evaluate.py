@@ -182,9 +182,12 @@ def graded_answers(model, tokenizer, prompts: list[str], targets: list[str], *, 
     `answer_tokens`. A model that has learned an answer's format but not the needle scores zero
     exact matches and still shows here how far it got (a pass key's five digits: ln 10 nats and a
     tenth right each by chance).
-    align > 0: more leading separators, so that the (longest) target ends a block of `align` tokens,
+    align > 0: more leading separators, so that each row's target ends a block of `align` tokens,
     as the answer ends a segment in every training row of `data.task_place=end` (a MAC model's
-    answers depend on where they fall in its segment; see the README's pass-key probe)."""
+    answers depend on where they fall in its segment; see the README's pass-key probe). Rows whose
+    targets differ in length are read in separate batches, one per target length, since one shared
+    padding can end only one length's targets at a block's end (a QA1 MAC answering " office" one
+    token early fell from 0.75 to 8.5 nats)."""
     if isinstance(align, bool) or not isinstance(align, int) or align < 0:
         raise ValueError(f"evaluate.graded_answers: align must be an int >= 0 (0: off), got {align!r}")
     if len(prompts) != len(targets) or not prompts:
@@ -193,6 +196,15 @@ def graded_answers(model, tokenizer, prompts: list[str], targets: list[str], *, 
     goal = [tokenizer.encode(t) for t in targets]
     if min(len(g) for g in goal) < 1:
         raise ValueError("evaluate.graded_answers: every target needs at least one token")
+    if align and len({len(g) for g in goal}) > 1:
+        rows: list[dict] = [{} for _ in prompts]
+        for k in sorted({len(g) for g in goal}):
+            idx = [i for i, g in enumerate(goal) if len(g) == k]
+            got = graded_answers(model, tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
+                                 piece=piece, separator=separator, align=align)
+            for i, g in zip(idx, got, strict=True):
+                rows[i] = g
+        return rows
     n = max(len(g) for g in goal)
     logits, state = _read_prompts(model, tokenizer, prompts, piece, separator, align, n)
     logits = logits.float()
