@@ -232,3 +232,57 @@ def test_forgetting_horizon_reads_the_gates_the_recurrence_gets(tmp_path, monkey
     kept = forgetting_horizon.horizon(str(tmp_path / "run"), [150], forget_scale=0.0)
     assert all(r["alpha_mean"] == 0 and r["retention_best_head"] == 1 for r in kept["rows"])
     assert f"| blocks.0.mixer.memory | {rows[0]['length']} |" in forgetting_horizon.markdown(out)
+
+
+def test_babilong_probe_supporting_fact_and_shortcut(tmp_path, corpus_dir, monkeypatch):
+    """experiments/babilong_probe.py: the supporting fact it names holds the answer (checked against a
+    replay of every story's moves), and its groups count the examples as a model answering the true
+    room, or the last fact's room, would be scored."""
+    import babilong_probe
+    import torch
+
+    from titans import TitansConfig, TitansLM
+    from titans.tasks import make_babilong
+
+    text = "The river ran on. It was late. " * 40
+    for seed in range(100):
+        ex = make_babilong(1, 500, haystack=text, seed=seed)
+        where = {}
+        for fact in ex.meta["facts"]:  # the replay: each move puts its person in its room
+            where[fact.split()[0]] = fact.rstrip(".").split()[-1]
+        person = ex.meta["babi_question"].split()[-1].rstrip("?")
+        j = babilong_probe.supporting_fact(ex)
+        assert where[person] == ex.answer.strip() == babilong_probe.fact_room(ex.meta["facts"][j])
+        assert ex.meta["facts"][j].startswith(person) and not any(
+            f.startswith(person) for f in ex.meta["facts"][j + 1:])
+
+    torch.manual_seed(0)
+    cfg = TitansConfig.from_preset("tiny", variant="mac", dim=32, n_layers=1, n_heads=2, segment_len=16,
+                                   window=16, n_persistent=2, mlp_hidden=64)
+    run = _save(tmp_path / "run", TitansLM(cfg))
+    out = babilong_probe.probe(run, 500, 6, align=16, batch_size=4, data_dir=str(corpus_dir))
+    per = out["per_example"]
+    assert len(per) == 6 and out["accuracy"] == pytest.approx(sum(r["correct"] for r in per) / 6)
+    for groups in (out["by_last_fact"], out["by_support_distance"]):
+        assert sum(g["examples"] for g in groups.values()) == 6
+    assert all(0 < r["support_distance_tokens"] <= 500 for r in per)
+
+    def answering(pick):  # graded_answers replaced by one that says pick(example's facts, answer)
+        def fake(model, tok, prompts, targets, **kw):
+            rooms = {e.prompt: e for e in exs}
+            return [{"generated": " " + pick(rooms[p].meta["facts"], t.strip()) + ".", "answer_nats": 1.0,
+                     "answer_tokens": 2, "answer_right": 1} for p, t in zip(prompts, targets, strict=True)]
+        return fake
+
+    from titans.evaluate import haystack_text
+
+    hay = haystack_text(corpus_dir)
+    exs = [make_babilong(1, 500, haystack=hay, seed=i) for i in range(6)]
+    monkeypatch.setattr("titans.evaluate.graded_answers", answering(lambda facts, answer: answer))
+    right = babilong_probe.probe(run, 500, 6, data_dir=str(corpus_dir))
+    assert right["accuracy"] == 1 and right["recency_accuracy"] == out["recency_accuracy"]
+    monkeypatch.setattr("titans.evaluate.graded_answers",
+                        answering(lambda facts, answer: babilong_probe.fact_room(facts[-1])))
+    recent = babilong_probe.probe(run, 500, 6, data_dir=str(corpus_dir))
+    assert recent["accuracy"] == recent["recency_accuracy"] and recent["answers_last_fact_room"] == 1
+    assert recent["by_last_fact"]["about_the_asked_person"]["accuracy"] == 1

@@ -1,0 +1,137 @@
+"""What a model's BABILong QA1 answers rest on: accuracy by how far back the supporting fact lies,
+against the shortcut of answering the last fact's room.
+
+    python experiments/babilong_probe.py --checkpoint out/qa1_512_s0 --length 4k --examples 60 --align 64
+
+QA1 asks "Where is Mary?"; the answer is the room of Mary's last move (the *supporting fact*). A
+model that reads no facts answers the commonest room (about 1/6 right). A model that has learned
+only "the last room mentioned" is right whenever the story's last fact is the asked person's move
+(and by coincidence otherwise): `recency_accuracy` is that shortcut's score on the same examples,
+and `by_last_fact` splits the model's accuracy by whether the last fact is about the asked person.
+A model that answers from the person's own fact is right in both groups; one that uses recency only
+in the first.
+
+`by_support_distance` bins the examples by the number of tokens from the supporting fact's start
+to the end of the prompt: a memory that carries facts keeps its accuracy in the far bins, a model
+that answers only from what it can attend to (a MAC segment: 64 tokens) loses it there.
+
+Examples are `titans eval`'s (the same seeds, held-out books, one document separator before each
+prompt, `--align` as in `titans eval`), answered greedily and scored with `titans.tasks.score`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+BINS = (0, 64, 512, 2048, 8192, 32768)  # support distance bins in tokens: [0, 64), [64, 512), ...
+
+
+def supporting_fact(example) -> int:
+    """Index in meta["facts"] of the asked person's last move (QA1's supporting fact)."""
+    person = example.meta["babi_question"].removeprefix("Where is ").removesuffix("?")
+    moves = [i for i, f in enumerate(example.meta["facts"]) if f.startswith(person + " ")]
+    if not moves:
+        raise ValueError(f"babilong_probe: no fact about {person!r} in {example.meta['facts']}")
+    return moves[-1]
+
+
+def fact_room(fact: str) -> str:
+    """The room a QA1 fact moves its person to: "Mary went back to the office." -> "office"."""
+    return fact.rstrip(".").rsplit(" the ", 1)[1]
+
+
+def _bin(distance: int) -> str:
+    lo = max(b for b in BINS if b <= distance)
+    later = [b for b in BINS if b > distance]
+    return f"[{lo}, {later[0]})" if later else f"[{lo}, inf)"
+
+
+def _group(records: list[dict]) -> dict:
+    n = len(records)
+    return {"examples": n, "accuracy": sum(r["correct"] for r in records) / n,
+            "recency_accuracy": sum(r["recency_right"] for r in records) / n,
+            "answers_last_fact_room": sum(r["answers_last_fact_room"] for r in records) / n}
+
+
+def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: int = 0,
+          batch_size: int = 10, data_dir: str = "data", forget_scale: float | None = None) -> dict:
+    import torch
+
+    from titans.checkpoint import load
+    from titans.evaluate import graded_answers, haystack_text
+    from titans.tasks import make_babilong, score
+
+    model, tokenizer = load(checkpoint)
+    if forget_scale is not None and forget_scale != model.config.forget_scale:
+        model.set_forget_scale(forget_scale)
+    haystack = haystack_text(data_dir)
+    exs = [make_babilong(1, length, haystack=haystack, tokenizer=tokenizer, seed=seed + i)
+           for i in range(examples)]
+    got: list[dict] = []
+    with torch.no_grad():
+        for first in range(0, examples, batch_size):
+            batch = exs[first:first + batch_size]
+            got += graded_answers(model, tokenizer, [e.prompt for e in batch], [e.answer for e in batch],
+                                  align=align)
+    records = []
+    for i, (ex, g) in enumerate(zip(exs, got, strict=True)):
+        facts, answer = ex.meta["facts"], ex.answer.strip()
+        j = supporting_fact(ex)
+        distance = len(tokenizer.encode(ex.prompt[ex.meta["fact_offsets"][j]:]))
+        words = g["generated"].split()
+        said = words[0].strip(".,;:!?") if words else ""
+        last_room = fact_room(facts[-1])
+        records.append({"seed": seed + i, "answer": answer, "generated": g["generated"],
+                        "correct": bool(score(ex, g["generated"])), "support_fact": j, "facts": len(facts),
+                        "support_distance_tokens": distance, "support_bin": _bin(distance),
+                        "last_fact_about_person": j == len(facts) - 1, "recency_right": last_room == answer,
+                        "answers_last_fact_room": said == last_room,
+                        "answer_loss_nats_per_token": g["answer_nats"] / g["answer_tokens"]})
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["answer"]] = counts.get(r["answer"], 0) + 1
+    bins = [b for b in dict.fromkeys(_bin(lo) for lo in BINS) if any(r["support_bin"] == b for r in records)]
+    return {
+        "checkpoint": checkpoint, "length": length, "examples": examples, "seed": seed, "align": align,
+        "forget_scale": model.config.forget_scale,
+        **_group(records),
+        "majority_answer_share": max(counts.values()) / examples,
+        "by_last_fact": {key: _group(group) for key, flag in (("about_the_asked_person", True),
+                                                              ("about_someone_else", False))
+                         if (group := [r for r in records if r["last_fact_about_person"] == flag])},
+        "by_support_distance": {b: _group([r for r in records if r["support_bin"] == b]) for b in bins},
+        "per_example": records,
+    }
+
+
+def main() -> None:
+    from titans.evaluate import parse_lengths
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoints/step_* folder")
+    p.add_argument("--length", default="1k", help="prompt length in tokens (496, 4k, 64k, ...)")
+    p.add_argument("--examples", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--align", type=int, default=0, metavar="N",
+                   help="pad so that each answer ends a block of N tokens (as titans eval --align)")
+    p.add_argument("--batch-size", type=int, default=10, help="examples read side by side")
+    p.add_argument("--data", default="data", help="corpus folder (the held-out books are the haystack)")
+    p.add_argument("--forget-scale", type=float, default=None, metavar="S",
+                   help="read with every memory's forgetting gate multiplied by S in [0, 1] "
+                        "(default: as trained)")
+    args = p.parse_args()
+    lengths = parse_lengths(args.length)
+    if len(lengths) != 1:
+        p.error(f"--length takes one length, got {args.length!r}")
+    if args.examples < 1 or args.batch_size < 1 or args.align < 0:
+        p.error("--examples and --batch-size must be >= 1, --align >= 0")
+    if args.forget_scale is not None and not 0 <= args.forget_scale <= 1:
+        p.error(f"--forget-scale must lie in [0, 1], got {args.forget_scale}")
+    out = probe(args.checkpoint, lengths[0], args.examples, seed=args.seed, align=args.align,
+                batch_size=args.batch_size, data_dir=args.data, forget_scale=args.forget_scale)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
