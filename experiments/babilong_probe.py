@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
 BINS = (0, 64, 512, 2048, 8192, 32768)  # support distance bins in tokens: [0, 64), [64, 512), ...
 
@@ -88,9 +89,7 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
                         "last_fact_about_person": j == len(facts) - 1, "recency_right": last_room == answer,
                         "answers_last_fact_room": said == last_room,
                         "answer_loss_nats_per_token": g["answer_nats"] / g["answer_tokens"]})
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["answer"]] = counts.get(r["answer"], 0) + 1
+    counts = Counter(r["answer"] for r in records)
     bins = [b for b in dict.fromkeys(_bin(lo) for lo in BINS) if any(r["support_bin"] == b for r in records)]
     return {
         "checkpoint": checkpoint, "length": length, "examples": examples, "seed": seed, "align": align,
