@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
-BINS = (0, 64, 512, 2048, 8192, 32768)  # support distance bins in tokens: [0, 64), [64, 512), ...
+BINS = (0, 64, 512, 2048, 8192, 32768, 131072, 524288)  # support distance bins in tokens: [0, 64), ...
 
 
 def supporting_fact(example) -> int:
@@ -67,35 +70,50 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
     if forget_scale is not None and forget_scale != model.config.forget_scale:
         model.set_forget_scale(forget_scale)
     haystack = haystack_text(data_dir)
-    exs = [make_babilong(1, length, haystack=haystack, tokenizer=tokenizer, seed=seed + i)
-           for i in range(examples)]
+    # read in order of the answer's length: `graded_answers` with `align` splits a batch by that
+    # length, so sorted batches keep their size (10 at a time rather than three groups of 3 or 4)
+    exs = sorted(((seed + i, make_babilong(1, length, haystack=haystack, tokenizer=tokenizer, seed=seed + i))
+                  for i in range(examples)), key=lambda p: len(tokenizer.encode(p[1].answer)))
+    seeds, exs = [p[0] for p in exs], [p[1] for p in exs]
     got: list[dict] = []
+    start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, examples, batch_size):
             batch = exs[first:first + batch_size]
             got += graded_answers(model, tokenizer, [e.prompt for e in batch], [e.answer for e in batch],
                                   align=align)
+            right = sum(bool(score(e, g["generated"])) for e, g in zip(exs, got))
+            print(f"babilong_probe: {len(got)}/{examples} read, {right} right "
+                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     records = []
-    for i, (ex, g) in enumerate(zip(exs, got, strict=True)):
+    for ex_seed, ex, g in zip(seeds, exs, got, strict=True):
         facts, answer = ex.meta["facts"], ex.answer.strip()
         j = supporting_fact(ex)
         distance = len(tokenizer.encode(ex.prompt[ex.meta["fact_offsets"][j]:]))
         words = g["generated"].split()
         said = words[0].strip(".,;:!?") if words else ""
         last_room = fact_room(facts[-1])
-        records.append({"seed": seed + i, "answer": answer, "generated": g["generated"],
+        records.append({"seed": ex_seed, "answer": answer, "generated": g["generated"],
                         "correct": bool(score(ex, g["generated"])), "support_fact": j, "facts": len(facts),
                         "support_distance_tokens": distance, "support_bin": _bin(distance),
                         "last_fact_about_person": j == len(facts) - 1, "recency_right": last_room == answer,
                         "answers_last_fact_room": said == last_room,
                         "answer_loss_nats_per_token": g["answer_nats"] / g["answer_tokens"]})
+    return summarize({"checkpoint": checkpoint, "length": length, "examples": examples, "seed": seed,
+                      "align": align, "forget_scale": model.config.forget_scale},
+                     sorted(records, key=lambda r: r["seed"]))
+
+
+def summarize(run: dict, records: list[dict]) -> dict:
+    """The probe's groups over per-example records (one run's, or several runs' pooled by `merge`)."""
+    if not records:
+        raise ValueError("babilong_probe: no examples to summarize")
     counts = Counter(r["answer"] for r in records)
     bins = [b for b in dict.fromkeys(_bin(lo) for lo in BINS) if any(r["support_bin"] == b for r in records)]
     return {
-        "checkpoint": checkpoint, "length": length, "examples": examples, "seed": seed, "align": align,
-        "forget_scale": model.config.forget_scale,
+        **run,
         **_group(records),
-        "majority_answer_share": max(counts.values()) / examples,
+        "majority_answer_share": max(counts.values()) / len(records),
         "by_last_fact": {key: _group(group) for key, flag in (("about_the_asked_person", True),
                                                               ("about_someone_else", False))
                          if (group := [r for r in records if r["last_fact_about_person"] == flag])},
@@ -104,11 +122,30 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
     }
 
 
+def merge(runs: list[dict]) -> dict:
+    """Pool probe results of one checkpoint, length, alignment and forgetting scale read over
+    disjoint example seeds (a long length split across processes): the groups of all their examples."""
+    same = ("checkpoint", "length", "align", "forget_scale")
+    for r in runs[1:]:
+        if any(r[k] != runs[0][k] for k in same):
+            raise ValueError(f"babilong_probe: cannot pool runs that differ in {same}: "
+                             f"{[{k: x[k] for k in same} for x in runs]}")
+    records = [rec for r in runs for rec in r["per_example"]]
+    seeds = [rec["seed"] for rec in records]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"babilong_probe: runs to pool share example seeds: {sorted(seeds)}")
+    run = {k: runs[0][k] for k in same} | {"examples": len(records), "seed": min(seeds),
+                                           "pooled_seeds": sorted(seeds)}
+    return summarize(run, sorted(records, key=lambda rec: rec["seed"]))
+
+
 def main() -> None:
     from titans.evaluate import parse_lengths
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoints/step_* folder")
+    p.add_argument("--checkpoint", help="a run folder or a checkpoints/step_* folder")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="instead of reading: pool the printed results of runs over disjoint seeds")
     p.add_argument("--length", default="1k", help="prompt length in tokens (496, 4k, 64k, ...)")
     p.add_argument("--examples", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
@@ -120,6 +157,11 @@ def main() -> None:
                    help="read with every memory's forgetting gate multiplied by S in [0, 1] "
                         "(default: as trained)")
     args = p.parse_args()
+    if args.merge:
+        print(json.dumps(merge([json.loads(Path(f).read_text()) for f in args.merge]), indent=1))
+        return
+    if not args.checkpoint:
+        p.error("--checkpoint is required (or --merge to pool results)")
     lengths = parse_lengths(args.length)
     if len(lengths) != 1:
         p.error(f"--length takes one length, got {args.length!r}")

@@ -286,3 +286,18 @@ def test_babilong_probe_supporting_fact_and_shortcut(tmp_path, corpus_dir, monke
     recent = babilong_probe.probe(run, 500, 6, data_dir=str(corpus_dir))
     assert recent["accuracy"] == recent["recency_accuracy"] and recent["answers_last_fact_room"] == 1
     assert recent["by_last_fact"]["about_the_asked_person"]["accuracy"] == 1
+
+    # pooling runs over disjoint seeds (a long length split across processes) gives the one run's groups
+    exs += [make_babilong(1, 500, haystack=hay, seed=i) for i in range(6, 9)]
+    halves = [babilong_probe.probe(run, 500, 4, seed=0, data_dir=str(corpus_dir)),
+              babilong_probe.probe(run, 500, 5, seed=4, data_dir=str(corpus_dir))]
+    whole = babilong_probe.probe(run, 500, 9, seed=0, data_dir=str(corpus_dir))
+    pooled = babilong_probe.merge(halves)
+    assert pooled["pooled_seeds"] == [r["seed"] for r in pooled["per_example"]] == list(range(9))
+    for key in ("accuracy", "recency_accuracy", "majority_answer_share", "by_last_fact",
+                "by_support_distance", "per_example"):
+        assert pooled[key] == whole[key], key
+    with pytest.raises(ValueError, match="share example seeds"):
+        babilong_probe.merge([halves[0], halves[0]])
+    with pytest.raises(ValueError, match="differ in"):
+        babilong_probe.merge([halves[0], {**halves[1], "align": 64}])
