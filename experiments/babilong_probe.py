@@ -59,7 +59,10 @@ def _group(records: list[dict]) -> dict:
 
 
 def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: int = 0,
-          batch_size: int = 10, data_dir: str = "data", forget_scale: float | None = None) -> dict:
+          batch_size: int = 10, data_dir: str = "data", forget_scale: float | None = None,
+          seeds: list[int] | None = None) -> dict:
+    """Read `examples` QA1 stories of `length` tokens (example seeds seed, seed + 1, ...; or the
+    listed `seeds`, whose count then replaces `examples`) and group the answers."""
     import torch
 
     from titans.checkpoint import load
@@ -72,9 +75,14 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
     haystack = haystack_text(data_dir)
     # read in order of the answer's length: `graded_answers` with `align` splits a batch by that
     # length, so sorted batches keep their size (10 at a time rather than three groups of 3 or 4)
-    exs = sorted(((seed + i, make_babilong(1, length, haystack=haystack, tokenizer=tokenizer, seed=seed + i))
-                  for i in range(examples)), key=lambda p: len(tokenizer.encode(p[1].answer)))
-    seeds, exs = [p[0] for p in exs], [p[1] for p in exs]
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"babilong_probe: seeds must be distinct and not empty, got {seeds}")
+        examples, seed = len(seeds), min(seeds)
+    seeds = list(range(seed, seed + examples)) if seeds is None else list(seeds)
+    pairs = [(s, make_babilong(1, length, haystack=haystack, tokenizer=tokenizer, seed=s)) for s in seeds]
+    pairs.sort(key=lambda p: len(tokenizer.encode(p[1].answer)))
+    seeds, exs = [p[0] for p in pairs], [p[1] for p in pairs]
     got: list[dict] = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -100,7 +108,8 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
                         "answers_last_fact_room": said == last_room,
                         "answer_loss_nats_per_token": g["answer_nats"] / g["answer_tokens"]})
     return summarize({"checkpoint": checkpoint, "length": length, "examples": examples, "seed": seed,
-                      "align": align, "forget_scale": model.config.forget_scale},
+                      "example_seeds": sorted(seeds), "align": align,
+                      "forget_scale": model.config.forget_scale},
                      sorted(records, key=lambda r: r["seed"]))
 
 
@@ -135,7 +144,7 @@ def merge(runs: list[dict]) -> dict:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"babilong_probe: runs to pool share example seeds: {sorted(seeds)}")
     run = {k: runs[0][k] for k in same} | {"examples": len(records), "seed": min(seeds),
-                                           "pooled_seeds": sorted(seeds)}
+                                           "example_seeds": sorted(seeds), "pooled_runs": len(runs)}
     return summarize(run, sorted(records, key=lambda rec: rec["seed"]))
 
 
@@ -148,7 +157,9 @@ def main() -> None:
                    help="instead of reading: pool the printed results of runs over disjoint seeds")
     p.add_argument("--length", default="1k", help="prompt length in tokens (496, 4k, 64k, ...)")
     p.add_argument("--examples", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first example's seed")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="read these example seeds instead of --seed, --seed + 1, ... (--examples ignored)")
     p.add_argument("--align", type=int, default=0, metavar="N",
                    help="pad so that each answer ends a block of N tokens (as titans eval --align)")
     p.add_argument("--batch-size", type=int, default=10, help="examples read side by side")
@@ -169,8 +180,14 @@ def main() -> None:
         p.error("--examples and --batch-size must be >= 1, --align >= 0")
     if args.forget_scale is not None and not 0 <= args.forget_scale <= 1:
         p.error(f"--forget-scale must lie in [0, 1], got {args.forget_scale}")
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     out = probe(args.checkpoint, lengths[0], args.examples, seed=args.seed, align=args.align,
-                batch_size=args.batch_size, data_dir=args.data, forget_scale=args.forget_scale)
+                batch_size=args.batch_size, data_dir=args.data, forget_scale=args.forget_scale, seeds=seeds)
     print(json.dumps(out, indent=1))
 
 

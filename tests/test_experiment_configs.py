@@ -290,10 +290,11 @@ def test_babilong_probe_supporting_fact_and_shortcut(tmp_path, corpus_dir, monke
     # pooling runs over disjoint seeds (a long length split across processes) gives the one run's groups
     exs += [make_babilong(1, 500, haystack=hay, seed=i) for i in range(6, 9)]
     halves = [babilong_probe.probe(run, 500, 4, seed=0, data_dir=str(corpus_dir)),
-              babilong_probe.probe(run, 500, 5, seed=4, data_dir=str(corpus_dir))]
+              babilong_probe.probe(run, 500, 0, seeds=[6, 4, 8, 5, 7], data_dir=str(corpus_dir))]
+    assert halves[1]["examples"] == 5 and [r["seed"] for r in halves[1]["per_example"]] == [4, 5, 6, 7, 8]
     whole = babilong_probe.probe(run, 500, 9, seed=0, data_dir=str(corpus_dir))
     pooled = babilong_probe.merge(halves)
-    assert pooled["pooled_seeds"] == [r["seed"] for r in pooled["per_example"]] == list(range(9))
+    assert pooled["example_seeds"] == [r["seed"] for r in pooled["per_example"]] == list(range(9))
     for key in ("accuracy", "recency_accuracy", "majority_answer_share", "by_last_fact",
                 "by_support_distance", "per_example"):
         assert pooled[key] == whole[key], key
