@@ -211,7 +211,10 @@ class MAC(nn.Module):
         # 3-4. write y into the memory and read it back, token by token (exact, SPEC §2)
         norm = (lambda t: t) if self.write_norm is None else self.write_norm  # noqa: E731
         w = y.detach() if self.detach_write or self.detach_kv else y
-        m, mem = self.memory(norm(w), st.memory, read_from=norm(y) if self.detach_kv else None)
+        # detach_kv reads from y itself only where a gradient is wanted (same values: without one,
+        # as in evaluation, one pass over the written input serves both)
+        split = self.detach_kv and y.requires_grad
+        m, mem = self.memory(norm(w), st.memory, read_from=norm(y) if split else None)
         out = self.gate(y, m)
         position = st.position + T
         if position % self.segment_len == 0:  # segment closed: the next one reads the state now

@@ -205,10 +205,12 @@ class NeuralMemory(nn.Module):
         # only its own copies of q, k, v for the backward pass (not also the conv's output)
         cache = None if state is None else state.conv
         q, k, v, conv = self._qkv(x, cache, normalize=False)
-        if read_from is not None:  # the queries (and their conv cache) from the reading input
-            q, _, _, conv_q = self._qkv(read_from, cache, normalize=False)
+        if read_from is not None:  # the queries (and their conv cache) from the reading input: only
+            w_q, conv_w = self.read_projection()  # the q rows of the projection and the conv
+            h, conv_q = conv_silu(read_from, w_q, conv_w, None if cache is None else cache[..., :self.dim])
+            q = rearrange(h, "b t (h d) -> b h t d", h=self.heads)
             if conv is not None:
-                conv = torch.cat([conv_q[..., :self.dim], conv[..., self.dim:]], dim=-1)
+                conv = torch.cat([conv_q, conv[..., self.dim:]], dim=-1)
         alpha, eta, theta, carry = self._gates(x, state)
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
