@@ -84,17 +84,19 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
     pairs.sort(key=lambda p: len(tokenizer.encode(p[1].answer)))
     seeds, exs = [p[0] for p in pairs], [p[1] for p in pairs]
     got: list[dict] = []
+    correct: list[bool] = []
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, examples, batch_size):
             batch = exs[first:first + batch_size]
-            got += graded_answers(model, tokenizer, [e.prompt for e in batch], [e.answer for e in batch],
+            read = graded_answers(model, tokenizer, [e.prompt for e in batch], [e.answer for e in batch],
                                   align=align)
-            right = sum(bool(score(e, g["generated"])) for e, g in zip(exs, got))
-            print(f"babilong_probe: {len(got)}/{examples} read, {right} right "
+            got += read
+            correct += [bool(score(e, g["generated"])) for e, g in zip(batch, read, strict=True)]
+            print(f"babilong_probe: {len(got)}/{examples} read, {sum(correct)} right "
                   f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     records = []
-    for ex_seed, ex, g in zip(seeds, exs, got, strict=True):
+    for ex_seed, ex, g, right in zip(seeds, exs, got, correct, strict=True):
         facts, answer = ex.meta["facts"], ex.answer.strip()
         j = supporting_fact(ex)
         distance = len(tokenizer.encode(ex.prompt[ex.meta["fact_offsets"][j]:]))
@@ -102,7 +104,7 @@ def probe(checkpoint: str, length: int, examples: int, *, seed: int = 0, align: 
         said = words[0].strip(".,;:!?") if words else ""
         last_room = fact_room(facts[-1])
         records.append({"seed": ex_seed, "answer": answer, "generated": g["generated"],
-                        "correct": bool(score(ex, g["generated"])), "support_fact": j, "facts": len(facts),
+                        "correct": right, "support_fact": j, "facts": len(facts),
                         "support_distance_tokens": distance, "support_bin": _bin(distance),
                         "last_fact_about_person": j == len(facts) - 1, "recency_right": last_room == answer,
                         "answers_last_fact_room": said == last_room,
