@@ -302,10 +302,11 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
 
 
 def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
-                    clip: float | None, read: bool, dy, dWS_end, W0: Weights = ()):
+                    clip: float | None, read: bool, dy, dWS_end, W0: Weights = (), want_dG: bool = True):
     """Gradients of one chunk, by hand: recompute the chunk's intermediates, then walk back
     (state update -> read -> clamp -> delta chain -> LayerNorm backward -> memory MLP on k).
-    Returns (dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, dW0) (dW0: () without W0)."""
+    Returns (dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, dW0) (dW0: () without W0;
+    dG: None when not `want_dG`, as first_order drops it: its GEMMs are then skipped)."""
     _, _, c = _chunk_forward(G, WS, q, k, v, a, m, C, cS, e, gamma, beta, clip, read, keep=True, W0=W0)
     dW0 = [torch.zeros_like(w) for w in W0]
     L, Lg, xs, dts = c.L, c.Lg, c.xs, c.dts
@@ -388,13 +389,14 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
         ddelta = ddt
 
     # delta chain: delta_l = (delta_{l+1} G_{l+1}^T) * gelu'(z_l)
-    dG = [torch.zeros_like(g) for g in G]
+    dG = [torch.zeros_like(g) for g in G] if want_dG else None
     dzs = [None] * L
     for i in range(L - 1):
         dt_i = ddelta[i] * c.gps[i]
         dzs[i] = ddelta[i] * c.ts[i] * _gelu_second(c.zs[i])
         ddelta[i + 1] = ddelta[i + 1] + dt_i @ G[i + 1]
-        dG[i + 1] += dt_i.transpose(-1, -2) @ c.deltas[i + 1]
+        if want_dG:
+            dG[i + 1] += dt_i.transpose(-1, -2) @ c.deltas[i + 1]
     dd = ddelta[L - 1]
     if L == 1:  # delta = z - v
         dzs[0] = dd
@@ -417,7 +419,8 @@ def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, bet
     # memory MLP on k: z_l = x_l G_l, x_{l+1} = gelu(z_l)
     for i in range(L - 1, -1, -1):
         dz = dzs[i] if i == L - 1 else dzs[i] + dxs[i + 1] * c.gps[i]
-        dG[i] += xs[i].transpose(-1, -2) @ dz
+        if want_dG:
+            dG[i] += xs[i].transpose(-1, -2) @ dz
         dxs[i] += dz @ G[i].transpose(-1, -2)
     dk += dxs[0]
     return dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, tuple(dW0)
@@ -654,23 +657,25 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
         WS = starts[n]
         dG, dWS, *d_n, dg, db, dW0_n = _STEP["backward"](
             base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
-            read, dy[n] if read else None, dWS, W0=W0)
+            read, dy[n] if read else None, dWS, W0=W0, want_dG=so_scale != 0.0)
         for acc, g in zip(d_chunk[:3] + d_coef, d_n):
             acc[n] = g
         if dg is not None:
             d_gamma = dg if d_gamma is None else d_gamma + dg
             d_beta = db if d_beta is None else d_beta + db
-        if so_scale == 0.0:  # the inner gradients treated as constant in the weights they were taken at
-            dG = [torch.zeros_like(g) for g in dG]
-        elif so_scale != 1.0:  # a share of their second derivatives kept
+        # dG is None when so_scale is 0 (first_order: the inner gradients treated as constant in the
+        # weights they were taken at); otherwise a share so_scale of their second derivatives is kept
+        if dG is not None and so_scale != 1.0:
             dG = [g * so_scale for g in dG]
         if n == n1 - 1 and dG_last is not None:  # gradient into the open chunk's base
-            dG = [g + h for g, h in zip(dG, dG_last)]
+            dG = list(dG_last) if dG is None else [g + h for g, h in zip(dG, dG_last)]
         dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
         if n > 0 or not first:  # this chunk's base is the previous chunk's end W (= W0 + U when anchored)
-            dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
-            dW0 = [acc + g.sum(0) for acc, g in zip(dW0, dG)] if W0 else dW0
+            if dG is not None:
+                dWS = [_add_w_part(d, g) for d, g in zip(dWS, dG)]
+                dW0 = [acc + g.sum(0) for acc, g in zip(dW0, dG)] if W0 else dW0
         else:
+            dG = [torch.zeros_like(g) for g in base(n, WS)] if dG is None else dG
             dWS = [*dG, *dWS]
     for acc, g in zip(d_chunk[3:], chunk_coefficients_backward(alpha, eta, theta, valid, *d_coef)):
         acc.copy_(g)
