@@ -194,6 +194,31 @@ def test_text_task_rows(model, corpus_dir):
         [(s["depth"], s["answer"]) for s in solo[0]["samples"]]
     with pytest.raises(TitansError, match="batch size"):
         eval_text_task(model, ByteTokenizer(), "babilong_qa1", [400], batch_size=0, **kw)
+    for r in rows + solo:  # counts, interval and the constant-answer bar agree with the examples
+        answers = [s["answer"] for s in r["samples"]]
+        assert r["correct"] == sum(s["correct"] for s in r["samples"]) == round(r["accuracy"] * r["n"])
+        assert r["majority_answer_share"] == max(answers.count(a) for a in answers) / r["n"]
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+
+
+def test_wilson_interval():
+    from titans.evaluate import wilson_interval
+
+    # published values: 0 of 10 -> (0, 0.2775); 15 of 30 -> 0.5 +- 0.1685
+    assert wilson_interval(0, 10)[0] == 0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(15, 30)
+    assert lo == pytest.approx(0.3315, abs=1e-4) and hi == pytest.approx(0.6685, abs=1e-4)
+    # the interval holds k/n, mirrors at n - k and narrows as n grows at the same share
+    for k, n in [(1, 3), (9, 30), (29, 30), (30, 30)]:
+        lo, hi = wilson_interval(k, n)
+        assert lo <= k / n <= hi
+        mlo, mhi = wilson_interval(n - k, n)
+        assert mlo == pytest.approx(1 - hi) and mhi == pytest.approx(1 - lo)
+    assert wilson_interval(150, 300)[1] < wilson_interval(15, 30)[1]
+    for bad, match in [((3, 2), "0 <= k <= n"), ((0, 0), "n >= 1"), ((-1, 5), "0 <= k <= n"),
+                       ((1.0, 5), "integers"), ((True, 5), "integers")]:
+        with pytest.raises(TitansError, match=match):
+            wilson_interval(*bad)
 
 
 def test_ppl_matches_a_direct_computation(model, corpus_dir):

@@ -22,6 +22,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,21 @@ def parse_lengths(text: str) -> list[int]:
             raise TitansError(f"--lengths: {item.strip()!r} is not a length; use e.g. 1k,4k,16k,1m or 2048")
         out.append(int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()])
     return out
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share k / n (z = 1.96: 95%). Unlike k/n +- z SE it
+    stays inside [0, 1] and is not empty at k = 0 or k = n, which matters for 30-example cells."""
+    if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, int) or not isinstance(n, int):
+        raise TitansError(f"wilson_interval: k and n must be integers, got k={k!r}, n={n!r}")
+    if n < 1 or not 0 <= k <= n:
+        raise TitansError(f"wilson_interval: expected 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not z > 0:
+        raise TitansError(f"wilson_interval: z must be > 0, got {z!r}")
+    p, z2 = k / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def length_label(n: int) -> str:
@@ -249,7 +265,10 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
                    align: int = 0, log=print) -> list[dict]:
     """Accuracy of one text task (a name in titans.tasks.TASKS) at each length; depths are spread
     evenly over the examples (RULER). batch_size > 1 streams that many examples side by side
-    (`answers`: shorter prompts get up to haystack.TOLERANCE leading separators)."""
+    (`answers`: shorter prompts get up to haystack.TOLERANCE leading separators). Each row holds the
+    accuracy with its count and 95% Wilson interval, the share of the commonest answer (the score
+    of a constant answer: 1/n for needles, about a third for bAbI rooms), teacher-forced answer
+    scores, and every example (depth, answer, generation, correct) under "samples"."""
     from .tasks import TASKS, score
 
     if task not in TASKS:
@@ -268,16 +287,19 @@ def eval_text_task(model, tokenizer, task: str, lengths: list[int], *, n_example
                    for i, d in zip(idx, depths, strict=True)]
             got = graded_answers(model, tokenizer, [ex.prompt for ex in exs], [ex.answer for ex in exs],
                                  piece=piece, separator=separator, align=align)
-            for i, depth, ex, g in zip(idx, depths, exs, got, strict=True):
+            for depth, ex, g in zip(depths, exs, got, strict=True):
                 ok = score(ex, g["generated"])
                 correct += ok
                 nats += g["answer_nats"]
                 right += g["answer_right"]
                 tokens += g["answer_tokens"]
-                if i < 3:
-                    samples.append({"depth": round(depth, 3), "answer": ex.answer,
-                                    "generated": g["generated"], "correct": ok})
+                samples.append({"depth": round(depth, 3), "answer": ex.answer,
+                                "generated": g["generated"], "correct": bool(ok)})
+        counts = Counter(s["answer"] for s in samples)
         rows.append({"task": task, "length": length, "accuracy": correct / n_examples, "n": n_examples,
+                     "correct": int(correct), "ci95": list(wilson_interval(int(correct), n_examples)),
+                     # what answering the commonest answer every time would score on these examples
+                     "majority_answer_share": max(counts.values()) / n_examples,
                      "answer_token_accuracy": right / tokens, "answer_loss": nats / tokens,
                      "seconds": time.perf_counter() - t0, "samples": samples})
         log(f"{task:18s} {length_label(length):>6s}: {correct}/{n_examples} correct; teacher-forced "
@@ -436,6 +458,16 @@ def write_report(result: dict, out_dir: Path) -> dict:
             return out + [""]
 
         md += table(acc, lambda r: f"{100 * r['accuracy']:.0f}%")
+        counted = [r for r in acc if "ci95" in r]
+        if counted:
+            md += ["Right of n, the 95% interval (Wilson) and, after the dot, the score of answering the "
+                   "commonest answer of these examples every time (the bar a model that reads nothing "
+                   "can reach)", ""]
+            def counted_cell(r: dict) -> str:
+                lo, hi, bar = (100 * x for x in (*r["ci95"], r["majority_answer_share"]))
+                return f"{r['correct']}/{r['n']} ({lo:.0f}–{hi:.0f}%) · {bar:.0f}%"
+
+            md += table(counted, counted_cell)
         graded = [r for r in acc if "answer_loss" in r]
         if graded:
             md += ["Teacher-forced, the answer's tokens fed back: share of them predicted right / loss in "
