@@ -209,17 +209,77 @@ class _Cache:
 
 
 def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
-                   clip: float | None, read: bool, keep: bool = False, W0: Weights = ()):
+                   clip: float | None, read: bool, keep: bool = False, W0: Weights = (),
+                   update: bool | None = None, cache: _Cache | None = None):
     """One chunk.
 
     G: gradient base (B, H, D_in, D_out) per layer; WS: [W; S] stacked on rows, (B, H, 2 D_in, D_out),
     at the chunk start. q, k, v: (B, H, b, D); coefficients as in `chunk_coefficients` for this chunk,
     gate layer j = l for per-layer gates, else 0. W0: the anchor (H, D_in, D_out) per layer when
     forgetting towards the initial weights (WS then holds the offset U = W - W0 and the read adds
-    u W0), else (). Returns (y or None, WS at the chunk end, cache), the cache (intermediates for
-    `_chunk_backward`) only when `keep`.
+    u W0), else (). Returns (y or None, WS at the chunk end or (), cache), the cache (intermediates
+    for `_chunk_backward`) only when `keep`. update: compute the end state (default: not `keep`).
+    cache: one this chunk's earlier call returned (with `keep` and without the read); its inner
+    gradients and written keys (which depend on G, k, v and the coefficients only) are reused, not
+    recomputed, and the read's intermediates are added to it.
     """
     L, Lg = len(G), a.shape[2]
+    if update is None:
+        update = not keep
+    g_ln, b_ln = (None, None) if L == 1 else (gamma.unsqueeze(-2), beta.unsqueeze(-2))
+    c = _inner_gradients(G, k, v, gamma, beta, clip, Lg) if cache is None else cache
+    xs, dts = c.xs, c.dts
+
+    y = None
+    if read:  # y_t = M_{W_t}(q_t) = [a_t u_t, m_t u_t] @ [W; S] - (C * u X^T) delta, layer by layer
+        u, us, ps, Ps, As, aus = q, [], [], [], [], []
+        for i in range(L):
+            j = i if Lg > 1 else 0
+            P = u @ xs[i].transpose(-1, -2)
+            A = P * C[:, :, j]
+            au = torch.cat([a[:, :, j, :, None] * u, m[:, :, j, :, None] * u], dim=-1)
+            p = _bmm_sub(au @ WS[i], A, dts[i])
+            if W0:
+                p = p + u @ W0[i]
+            us.append(u), ps.append(p), Ps.append(P), As.append(A), aus.append(au)
+            u = F.gelu(p) if i < L - 1 else p
+        if L == 1:
+            y = u
+        else:
+            nq, rq = layer_norm(u)
+            y = q + g_ln * nq + b_ln
+            c.nq, c.rq = nq, rq
+        c.us, c.ps, c.Ps, c.As, c.aus = us, ps, Ps, As, aus
+
+    if cache is None:  # the written keys, scaled by their weight in the end state: [cW x, cS x]
+        c.xcs = [torch.cat([C[:, :, j, -1, :, None] * x, cS[:, :, j, :, None] * x], dim=-1)
+                 for x, j in zip(xs, (range(L) if Lg > 1 else [0] * L))]
+    WS_end = []
+    for i in range(L if update else 0):
+        j = i if Lg > 1 else 0
+        # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta, in place in one new buffer: the
+        # state is the largest tensor here, so every pass over it counts
+        W, S = WS[i].chunk(2, dim=2)
+        a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
+        if torch.compiler.is_compiling():  # functional: the compiler fuses it (no out= on views)
+            out = _bmm_sub(torch.cat([W * a_end + S * m_end, S * e_j], dim=2), c.xcs[i].transpose(-1, -2),
+                           dts[i])
+        else:
+            out = torch.empty_like(WS[i])
+            W_new, S_new = out.chunk(2, dim=2)
+            torch.mul(W, a_end, out=W_new).addcmul_(S, m_end)
+            torch.mul(S, e_j, out=S_new)
+            out.flatten(0, 1).baddbmm_(c.xcs[i].transpose(-1, -2).flatten(0, 1), dts[i].flatten(0, 1),
+                                       alpha=-1)
+        WS_end.append(out)
+    return y, tuple(WS_end), c if keep else None
+
+
+def _inner_gradients(G: Weights, k, v, gamma, beta, clip: float | None, Lg: int) -> _Cache:
+    """The inner gradients of one chunk at its base G, as a cache for `_chunk_forward` and
+    `_chunk_backward`: every layer's input x_l on k and output-gradient delta_l (dts: after the
+    optional clamp), with the intermediates their backward needs."""
+    L = len(G)
     c = _Cache()
     c.L, c.Lg = L, Lg
     # inner gradients at G: inputs x_l and output-gradients delta_l of every layer, on k
@@ -254,60 +314,20 @@ def _chunk_forward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta
         scale = (clip * torch.rsqrt(norm2.clamp(min=clip * clip))).unsqueeze(-1)
         dts = [d * scale for d in deltas]
         c.norm2, c.scale = norm2, scale
-
-    y = None
-    if read:  # y_t = M_{W_t}(q_t) = [a_t u_t, m_t u_t] @ [W; S] - (C * u X^T) delta, layer by layer
-        u, us, ps, Ps, As, aus = q, [], [], [], [], []
-        for i in range(L):
-            j = i if Lg > 1 else 0
-            P = u @ xs[i].transpose(-1, -2)
-            A = P * C[:, :, j]
-            au = torch.cat([a[:, :, j, :, None] * u, m[:, :, j, :, None] * u], dim=-1)
-            p = _bmm_sub(au @ WS[i], A, dts[i])
-            if W0:
-                p = p + u @ W0[i]
-            us.append(u), ps.append(p), Ps.append(P), As.append(A), aus.append(au)
-            u = F.gelu(p) if i < L - 1 else p
-        if L == 1:
-            y = u
-        else:
-            nq, rq = layer_norm(u)
-            y = q + g_ln * nq + b_ln
-            c.nq, c.rq = nq, rq
-        c.us, c.ps, c.Ps, c.As, c.aus = us, ps, Ps, As, aus
-
-    WS_end, xcs = [], []
-    for i in range(L):
-        j = i if Lg > 1 else 0
-        xc = torch.cat([C[:, :, j, -1, :, None] * xs[i], cS[:, :, j, :, None] * xs[i]], dim=-1)
-        xcs.append(xc)
-        if not keep:  # the backward pass needs xc, not the end state
-            # [W; S] <- [a W + m S; e S] - [cW x; cS x]^T delta, in place in one new buffer: the
-            # state is the largest tensor here, so every pass over it counts
-            W, S = WS[i].chunk(2, dim=2)
-            a_end, m_end, e_j = (t[..., None, None] for t in (a[:, :, j, -1], m[:, :, j, -1], e[:, :, j]))
-            if torch.compiler.is_compiling():  # functional: the compiler fuses it (no out= on views)
-                out = _bmm_sub(torch.cat([W * a_end + S * m_end, S * e_j], dim=2), xc.transpose(-1, -2),
-                               dts[i])
-            else:
-                out = torch.empty_like(WS[i])
-                W_new, S_new = out.chunk(2, dim=2)
-                torch.mul(W, a_end, out=W_new).addcmul_(S, m_end)
-                torch.mul(S, e_j, out=S_new)
-                out.flatten(0, 1).baddbmm_(xc.transpose(-1, -2).flatten(0, 1), dts[i].flatten(0, 1), alpha=-1)
-            WS_end.append(out)
-    if keep:
-        c.xs, c.zs, c.deltas, c.dts, c.ts, c.gps, c.xcs = xs, zs, deltas, dts, ts, gps, xcs
-    return y, tuple(WS_end), c if keep else None
+    c.xs, c.zs, c.deltas, c.dts, c.ts, c.gps = xs, zs, deltas, dts, ts, gps
+    return c
 
 
 def _chunk_backward(G: Weights, WS: Weights, q, k, v, a, m, C, cS, e, gamma, beta,
-                    clip: float | None, read: bool, dy, dWS_end, W0: Weights = (), want_dG: bool = True):
-    """Gradients of one chunk, by hand: recompute the chunk's intermediates, then walk back
+                    clip: float | None, read: bool, dy, dWS_end, W0: Weights = (), want_dG: bool = True,
+                    cache: _Cache | None = None):
+    """Gradients of one chunk, by hand: recompute the chunk's intermediates (those of `cache`, the
+    chunk's inner gradients from recomputing its end state, are reused), then walk back
     (state update -> read -> clamp -> delta chain -> LayerNorm backward -> memory MLP on k).
     Returns (dG, dWS, dq, dk, dv, da, dm, dC, dcS, de, dgamma, dbeta, dW0) (dW0: () without W0;
     dG: None when not `want_dG`, as first_order drops it: its GEMMs are then skipped)."""
-    _, _, c = _chunk_forward(G, WS, q, k, v, a, m, C, cS, e, gamma, beta, clip, read, keep=True, W0=W0)
+    _, _, c = _chunk_forward(G, WS, q, k, v, a, m, C, cS, e, gamma, beta, clip, read, keep=True, W0=W0,
+                             cache=cache)
     dW0 = [torch.zeros_like(w) for w in W0]
     L, Lg, xs, dts = c.L, c.Lg, c.xs, c.dts
     da, dm, dC, dcS, de = (torch.zeros_like(t) for t in (a, m, C, cS, e))
@@ -646,18 +666,23 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
     a, m, C, cS, e = coef
     d_coef = [torch.empty_like(c) for c in coef]
     base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
-    starts = [WS]
+    # the start states of the stretch's chunks, and their inner gradients (kept for the walk back,
+    # which would otherwise compute them a second time; the last chunk's are computed there)
+    starts, caches = [WS], []
     for n in range(n1 - 1):
-        _, WS, _ = _STEP["forward"](base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
-                                    gamma, beta, clip, read=False, W0=W0)
+        _, WS, c = _STEP["forward"](base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n],
+                                    gamma, beta, clip, read=False, keep=True, W0=W0, update=True)
         starts.append(WS)
+        caches.append(c)
+    caches.append(None)
     d_gamma = d_beta = None
     dW0 = [torch.zeros_like(w) for w in W0]
     for n in range(n1 - 1, -1, -1):
         WS = starts[n]
         dG, dWS, *d_n, dg, db, dW0_n = _STEP["backward"](
             base(n, WS), WS, q[n], k[n], v[n], a[n], m[n], C[n], cS[n], e[n], gamma, beta, clip,
-            read, dy[n] if read else None, dWS, W0=W0, want_dG=so_scale != 0.0)
+            read, dy[n] if read else None, dWS, W0=W0, want_dG=so_scale != 0.0, cache=caches[n])
+        caches[n] = None  # freed as the walk goes back
         for acc, g in zip(d_chunk[:3] + d_coef, d_n):
             acc[n] = g
         if dg is not None:
