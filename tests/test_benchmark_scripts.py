@@ -136,3 +136,31 @@ def test_grad_paths_rows_are_training_rows_and_the_table_names_every_option(tmp_
                                       "--options", "nope"])
     with pytest.raises(SystemExit):
         grad_paths.main()
+
+
+def test_memory_ab_times_the_base_revision_and_the_working_tree_side_by_side(tmp_path):
+    """benchmarks/memory_ab.py: the base side really runs the other revision's code (a worktree),
+    the head side this tree's, and the ratio is head over base; a bad revision is refused."""
+    import json
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("needs a git checkout")
+    script = root / "benchmarks" / "memory_ab.py"
+    done = subprocess.run([sys.executable, str(script), "--base", "HEAD", "--lengths", "64", "--repeats", "1",
+                           "--steps", "2", "--out", str(tmp_path / "ab")], capture_output=True, text=True,
+                          timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "ab.json").read_text())
+    (row,) = result["rows"]
+    assert row["T"] == 64
+    assert Path(row["head"]["titans_file"]).resolve().is_relative_to(root / "titans")
+    assert "memory_ab_" in row["base"]["titans_file"] and not Path(row["base"]["titans_file"]).exists()
+    assert math.isclose(row["ratio_wall"], row["head"]["median_wall_s"] / row["base"]["median_wall_s"])
+    assert "| 64 |" in (tmp_path / "ab.md").read_text()
+    bad = subprocess.run([sys.executable, str(script), "--base", "no-such-revision"], capture_output=True,
+                         text=True, timeout=120, cwd=root)
+    assert bad.returncode != 0 and "is not a revision" in bad.stderr
