@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory_speed import BATCH, CHUNK, DEPTH, DIM, EXPANSION, HEADS, build, step  # the same settings and step
+
 ROOT = Path(__file__).resolve().parents[1]
-DIM, HEADS, DEPTH, EXPANSION, CHUNK, BATCH = 384, 4, 2, 4, 64, 2
 
 
 def worker(T: int, steps: int) -> dict:
@@ -35,22 +36,16 @@ def worker(T: int, steps: int) -> dict:
     import torch
 
     import titans
-    from titans.memory import NeuralMemory
 
     torch.manual_seed(0)
-    module = NeuralMemory(DIM, HEADS, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
+    module = build("titans")  # imports titans.memory from this interpreter's path: base or head
     x = torch.randn(BATCH, T, DIM)
-
-    def step():
-        out = module(x)[0]
-        out.float().square().mean().backward()
-        module.zero_grad(set_to_none=True)
-
-    step()  # warm-up: thread pools, allocator
+    step(module, x)  # warm-up: thread pools, allocator
     wall, cpu = [], []
     for _ in range(steps):
+        module.zero_grad(set_to_none=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        step()
+        step(module, x)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {"T": T, "wall_s": wall, "cpu_s": cpu, "titans_file": titans.__file__,
