@@ -11,7 +11,7 @@ rules:
 
 For each it reports, per window, the amplification of a relative 1e-8 change of token 0's key
 (output change / 1e-8) and the weight norm at the end. Not a model option (yet): a probe for
-README's "The same instability in the forward pass".
+docs/training.md, "The same instability in the forward pass".
 
     python benchmarks/forgetting_probe.py                 # T = 8192, windows of 1024, about a minute
 """

@@ -97,8 +97,8 @@ def run_memory_fn(fn, tensors, ln, L, device, dtype, autocast, chunk):
 
 
 def check_numerics(device: str, quick: bool) -> list[dict]:
-    """The deep memory's recurrence amplifies rounding (benchmarks/sensitivity.py; README,
-    'Training'): with these random inputs at T = 200 and L = 3 even the float32 token loop on the
+    """The deep memory's recurrence amplifies rounding (benchmarks/sensitivity.py;
+    docs/training.md): with these random inputs at T = 200 and L = 3 even the float32 token loop on the
     CPU is O(1) away from float64 (an H100 run measured that, 2026-11-26), so the check runs at
     T = 64 (4 chunks), where float32 is meaningful, and a row passes when the device's error is
     within `limit` or within 4x the error of the CPU float32 token loop (`cpu_fp32_loop_err`)."""

@@ -19,7 +19,7 @@ document separator to N tokens (a row of seq_len S holds S + 1 tokens: `--pad-to
 `data.seq_len=128`), the answer followed by the separator. `--pad-to` the length plus 8 puts a few
 separators before the prompt (1 when the prompt has exactly `--length` tokens; make_niah's come in up
 to a few short), close to `titans eval`'s one; without it the prompt starts at position 0.
-A model trained on padded rows can score differently on these (the tiny transformer of the README's
+A model trained on padded rows can score differently on these (the tiny transformer of docs/results.md's
 probe: 100% of the digits at 112 tokens padded, 78% plain; the tiny MAC: 90% padded, 39% after a few
 separators, its answers tied to where they fall in a segment).
 
@@ -33,7 +33,7 @@ loss and key influence. For MAC it adds `key_offset`, where the key starts in it
 (`key_start % model.segment_len`, segments counted from the row's first token), and the summary
 `by_key_offset` gives digits right and key influence per eighth of the segment (the tiny pass-key
 MAC reads keys that start in the first 45 of its 64 segment tokens and loses those that start
-later; README, "The same MAC at 2K tokens on an H100").
+later; docs/results.md, "The same MAC at 2K tokens on an H100").
 """
 
 from __future__ import annotations

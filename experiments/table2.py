@@ -13,7 +13,7 @@ QA1-QA5 examples, evaluate QA1-QA5 at each length); its defaults are out/babilon
 
     python experiments/table2.py --suite babilong --variants mac --seq-len 1024 --bptt 0 \
         --set model.forget_to=init --table1-runs out/table1_forget_to_init --lengths 1k,4k,16k,64k \
-        --eval-batch 10        # the README's run (the Table-1 runs trained with forget_to=init)
+        --eval-batch 10        # the run in docs/results.md (the Table-1 runs trained with forget_to=init)
 
 Resumable like table1.py. Checkpoints in out/table2/, numbers in results/table2/.
 """
@@ -69,7 +69,7 @@ def main() -> int:
                         "BABILong fine-tune's validation went from 3.4 to 9.3 bits/byte)")
     p.add_argument("--bptt", type=int, default=256,
                    help="truncated backprop in pieces of this many tokens (0: full); full backprop through "
-                        "the deep memory explodes beyond ~512 tokens (README, 'Training')")
+                        "the deep memory explodes beyond ~512 tokens (docs/training.md)")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop each fine-tune after this many minutes, with a checkpoint (0: no limit)")
     p.add_argument("--device", default="auto", help="training and evaluation device: auto, cpu, cuda")

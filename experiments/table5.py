@@ -24,7 +24,7 @@ ABLATIONS = {  # name: TitansConfig overrides of the tiny MAC
     "no momentum": {"momentum": False},
     "no forgetting": {"forgetting": False},
     "no persistent memory": {"n_persistent": 0},
-    # not an ablation of the paper: forgetting towards the learned initial weights (README, "Training")
+    # not an ablation of the paper: forgetting towards the learned initial weights (docs/training.md)
     "forgetting towards W_0 (not the paper)": {"forget_to": "init"},
 }
 

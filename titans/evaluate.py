@@ -158,7 +158,7 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens, *, piece: int 
     (none when all prompts have the same length, and none for a single prompt).
     separator: each prompt is read as a document, after the document separator, as every document
     of the training stream and every task row is (False: from position 0 with nothing before it).
-    The tiny pass-key transformer of the README answers 60% of its training-length needles from
+    The tiny pass-key transformer of docs/results.md answers 60% of its training-length needles from
     position 0 and 75% after the separator.
     max_new_tokens: one count for all, or one per prompt (each row is cut to its own)."""
     if not prompts:
@@ -200,7 +200,7 @@ def graded_answers(model, tokenizer, prompts: list[str], targets: list[str], *, 
     tenth right each by chance).
     align > 0: more leading separators, so that each row's target ends a block of `align` tokens,
     as the answer ends a segment in every training row of `data.task_place=end` (a MAC model's
-    answers depend on where they fall in its segment; see the README's pass-key probe). Rows whose
+    answers depend on where they fall in its segment; see the pass-key probe in docs/results.md). Rows whose
     targets differ in length are read in separate batches, one per target length, since one shared
     padding can end only one length's targets at a block's end (a QA1 MAC answering " office" one
     token early fell from 0.75 to 8.5 nats)."""

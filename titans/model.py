@@ -76,7 +76,7 @@ class TitansConfig:
     # MAC); None turns it off.
     grad_clip: float | None = 1.0
     # where forgetting pulls the memory: "zero" (the paper) or "init" (the learned initial weights;
-    # NeuralMemory's docstring and README "Training")
+    # NeuralMemory's docstring and docs/training.md)
     forget_to: str = "zero"
     # the outer gradient treats each inner gradient as constant in the memory weights it was taken
     # at (first-order MAML; NeuralMemory's docstring). Forward pass and inference unchanged; a
@@ -97,13 +97,13 @@ class TitansConfig:
     # memory fitted nothing and no trace of the needle reached the answer; with it, the needle
     # reached the answer through the memory from about 2M tokens on (by 12M, 90% of the key's digits
     # teacher-forced). On language modelling it costs 0.05-0.08 bits/byte at 0.4M tokens
-    # (Table-1 budget, two seeds). README "Why the tiny MAC carried nothing".
+    # (Table-1 budget, two seeds). docs/results.md, "Why the tiny MAC carried nothing".
     write_norm: bool = False
     # MAC: the memory writes (and reads back from) a detached copy of the attention output, so no
     # gradient flows from the memory's write into attention. This cuts MAC's segment-to-segment loop
     # W -> h (memory tokens) -> attention -> write -> W, the second path along which the outer
     # gradient explodes with length (first_order cuts the first); the memory's own projections,
-    # gates and write_norm still learn. Forward pass unchanged. README "Training".
+    # gates and write_norm still learn. Forward pass unchanged. docs/training.md.
     detach_write: bool = False
     # MAC: the finer cut of the same loop. Only what the memory writes (its keys, values and gates)
     # comes from the detached copy; its read-back queries and output gate keep their gradient into

@@ -571,7 +571,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                     warned_grad = True
                     say(f"warning: gradient norm {grad_norm:.3g} at step {step + 1} (clipped to "
                         f"{cfg.optim.grad_clip}). Backpropagating through a deep memory over long sequences "
-                        f"can explode; set train.bptt (e.g. 256) to truncate it (README, 'Training').")
+                        f"can explode; set train.bptt (e.g. 256) to truncate it (docs/training.md).")
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -58,16 +58,16 @@ class NeuralMemory(nn.Module):
     per chunk, taken at the chunk's first token (causal). theta_max: upper bound of the inner
     learning rate. grad_clip: clamp each token's inner-gradient norm (None = off). forget_to: "zero"
     (the paper's W = (1 - alpha) W + S) or "init" (W = (1 - alpha) W + alpha W_0 + S, towards the
-    learned initial weights; contractive where "zero" amplifies perturbations, README "Training").
+    learned initial weights; contractive where "zero" amplifies perturbations, docs/training.md).
     first_order: in the backward pass, treat each inner gradient as constant in the weights it was
     taken at (first-order MAML; the forward pass is unchanged). The outer gradient then still reaches
     what is written (k, v, gates) and the reads, but no longer multiplies through the inner loop's
-    second derivatives, the path along which it explodes with length (README "Training").
+    second derivatives, the path along which it explodes with length (docs/training.md).
     second_order: keep this share (in [0, 1]) of those second derivatives instead of all (1, exact)
-    or none (first_order); 0.5 bounds the pass-key MAC's gradient to 2K tokens (README "Training").
+    or none (first_order); 0.5 bounds the pass-key MAC's gradient to 2K tokens (docs/training.md).
     forget_scale: multiply the forgetting gate alpha by this number in [0, 1] (1: as learned, 0: no
     forgetting). A knob for reading past the training length (the gate is learned for rows of the
-    training length and erases a key written further back; README "What limits the pass key past
+    training length and erases a key written further back; docs/results.md, "What limits the pass key past
     its training length"); it changes no parameter, so a trained model can be read with any value.
     """
 
