@@ -70,6 +70,19 @@ def run_all(args) -> None:
             table(args)
 
 
+def add_model_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="model_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="TitansConfig override for every run (e.g. forget_to=init); use its own --out/--runs")
+
+
+def parse_model_set(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    """`["forget_to=init", "conv=false"]` -> `{"forget_to": "init", "conv": False}` (values read as YAML)."""
+    pairs = [item.partition("=") for item in items]
+    if any(not eq or not key for key, eq, _ in pairs):
+        p.error(f"--set expects FIELD=VALUE, got {items}")
+    return {key: yaml.safe_load(value) for key, _, value in pairs}
+
+
 def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
@@ -103,13 +116,9 @@ def main() -> int:
     p.add_argument("--out", default="results/table1")
     p.add_argument("--runs", default="out/table1")
     p.add_argument("--table-only", action="store_true")
-    p.add_argument("--set", dest="model_set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="TitansConfig override for every run (e.g. forget_to=init); use its own --out/--runs")
+    add_model_set(p)
     args = p.parse_args()
-    pairs = [item.partition("=") for item in args.model_set]
-    if any(not eq or not key for key, eq, _ in pairs):
-        p.error(f"--set expects FIELD=VALUE, got {args.model_set}")
-    args.model_set = {key: yaml.safe_load(value) for key, _, value in pairs}
+    args.model_set = parse_model_set(p, args.model_set)
     if not args.table_only:
         run_all(args)
     print(table(args))

@@ -2,8 +2,13 @@
 the same token budget as experiments/table1.py (its `mac` runs are the reference row).
 
     python experiments/table5.py --steps 200 --seeds 0,1
+    python experiments/table5.py --steps 1000 --seeds 0,1 --set forget_to=init \
+        --table1 results/table1_2M --out results/table5_2M --runs out/table5_2M   # as Table 1 at 2.05M
 
-Checkpoints in out/table5/, numbers in results/table5/ (RUN.json, table.md).
+Checkpoints in out/table5/, numbers in results/table5/ (RUN.json, table.md). `--set` changes every
+run, the reference included (it must match the Table-1 runs named by `--table1`); with
+`--set forget_to=init` the row "forgetting towards W_0" would repeat the reference, so the paper's
+rule (towards zero) takes its place.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from table1 import _mean_sd, config  # noqa: E402  (same settings as Table 1)
+from table1 import _mean_sd, add_model_set, config, parse_model_set  # noqa: E402  (same settings as Table 1)
 
 ABLATIONS = {  # name: TitansConfig overrides of the tiny MAC
     "linear memory (depth 1)": {"memory_depth": 1},
@@ -27,6 +32,16 @@ ABLATIONS = {  # name: TitansConfig overrides of the tiny MAC
     # not an ablation of the paper: forgetting towards the learned initial weights (docs/training.md)
     "forgetting towards W_0 (not the paper)": {"forget_to": "init"},
 }
+PAPER_FORGETTING = "forgetting towards zero (the paper's rule)"  # replaces the row above under forget_to=init
+
+
+def ablations(model_set: dict) -> dict:
+    """The rows to train on top of the base config `model_set` (the Table-1 overrides)."""
+    rows = dict(ABLATIONS)
+    if model_set.get("forget_to") == "init":
+        del rows["forgetting towards W_0 (not the paper)"]
+        rows[PAPER_FORGETTING] = {"forget_to": "zero"}
+    return rows
 
 
 def slug(name: str) -> str:
@@ -49,18 +64,21 @@ def main() -> int:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="SLUGS",
                    help="run only these ablations (their file-name slugs, e.g. no_conv,no_momentum)")
+    add_model_set(p)
     args = p.parse_args()
+    args.model_set = parse_model_set(p, args.model_set)
+    rows_to_train = ablations(args.model_set)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     for seed in [] if args.table_only else args.seeds:
-        for name, overrides in ABLATIONS.items():
+        for name, overrides in rows_to_train.items():
             run_name = f"{slug(name)}-s{seed}"
             if (root / f"{run_name}.json").exists() or (args.only and slug(name) not in args.only):
                 continue
             run = Path(args.runs) / run_name
             print(f"== {name} seed {seed}", flush=True)
             cfg = config("mac", seed, args.steps, run, args.data)
-            cfg.model.update(overrides)
+            cfg.model.update({**args.model_set, **overrides})
             s = train(cfg, log=lambda m: print(m, flush=True),
                       resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             stop_if_interrupted(s, run_name)
@@ -70,9 +88,13 @@ def main() -> int:
             s.update(seed=seed, ablation=name)
             (root / f"{run_name}.json").write_text(json.dumps(s, indent=1))
             print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}", flush=True)
-    reference = sorted(Path(args.table1).glob("mac-s*.json"))
-    rows = {"MAC (reference, Table 1)": [json.loads(p.read_text()) for p in reference]}
-    for name in ABLATIONS:
+    reference = [json.loads(f.read_text()) for f in sorted(Path(args.table1).glob("mac-s*.json"))]
+    if any(r["steps"] != args.steps for r in reference):
+        trained = sorted({r["steps"] for r in reference})
+        p.error(f"the reference runs in {args.table1} trained {trained} steps, these ablations {args.steps}: "
+                "pass the Table-1 results of the same budget as --table1")
+    rows = {"MAC (reference, Table 1)": reference}
+    for name in rows_to_train:
         rows[name] = [json.loads(p.read_text()) for p in sorted(root.glob(f"{slug(name)}-s*.json"))]
     lines = ["| model | parameters | seeds | val bits/byte | held-out test bits/byte |",
              "|---|---:|---:|---:|---:|"]

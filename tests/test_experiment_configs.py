@@ -302,3 +302,22 @@ def test_babilong_probe_supporting_fact_and_shortcut(tmp_path, corpus_dir, monke
         babilong_probe.merge([halves[0], halves[0]])
     with pytest.raises(ValueError, match="differ in"):
         babilong_probe.merge([halves[0], {**halves[1], "align": 64}])
+
+
+def test_table5_rows_follow_the_base_config():
+    """Under `--set forget_to=init` the forget-to-W_0 row would repeat the reference: the paper's rule
+    takes its place, and every other ablation is kept."""
+    import argparse
+
+    import table5
+    from table1 import parse_model_set
+
+    p = argparse.ArgumentParser()
+    base = parse_model_set(p, ["forget_to=init", "conv=false"])
+    assert base == {"forget_to": "init", "conv": False}
+    plain, init = table5.ablations({}), table5.ablations(base)
+    assert plain == table5.ABLATIONS
+    assert table5.PAPER_FORGETTING not in plain and init[table5.PAPER_FORGETTING] == {"forget_to": "zero"}
+    assert "forgetting towards W_0 (not the paper)" not in init and len(init) == len(plain)
+    with pytest.raises(SystemExit):
+        parse_model_set(p, ["forget_to"])
