@@ -68,6 +68,12 @@ def main() -> int:
     args = p.parse_args()
     args.model_set = parse_model_set(p, args.model_set)
     rows_to_train = ablations(args.model_set)
+    reference = [  # checked before any training
+        json.loads(f.read_text()) for f in sorted(Path(args.table1).glob("mac-s*.json"))]
+    if any(r["steps"] != args.steps for r in reference):
+        trained = sorted({r["steps"] for r in reference})
+        p.error(f"the reference runs in {args.table1} trained {trained} steps, these ablations {args.steps}: "
+                "pass the Table-1 results of the same budget as --table1")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     for seed in [] if args.table_only else args.seeds:
@@ -88,11 +94,6 @@ def main() -> int:
             s.update(seed=seed, ablation=name)
             (root / f"{run_name}.json").write_text(json.dumps(s, indent=1))
             print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}", flush=True)
-    reference = [json.loads(f.read_text()) for f in sorted(Path(args.table1).glob("mac-s*.json"))]
-    if any(r["steps"] != args.steps for r in reference):
-        trained = sorted({r["steps"] for r in reference})
-        p.error(f"the reference runs in {args.table1} trained {trained} steps, these ablations {args.steps}: "
-                "pass the Table-1 results of the same budget as --table1")
     rows = {"MAC (reference, Table 1)": reference}
     for name in rows_to_train:
         rows[name] = [json.loads(p.read_text()) for p in sorted(root.glob(f"{slug(name)}-s*.json"))]

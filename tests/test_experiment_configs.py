@@ -321,3 +321,21 @@ def test_table5_rows_follow_the_base_config():
     assert "forgetting towards W_0 (not the paper)" not in init and len(init) == len(plain)
     with pytest.raises(SystemExit):
         parse_model_set(p, ["forget_to"])
+
+
+def test_table5_refuses_a_reference_of_another_budget(tmp_path, monkeypatch, capsys):
+    """The reference row must come from Table-1 runs of the same step count, checked before training."""
+    import json
+
+    import table5
+
+    ref = tmp_path / "t1"
+    ref.mkdir()
+    (ref / "mac-s0.json").write_text(json.dumps({"steps": 200, "val_bpb": 3.5, "test_bpb": 3.5}))
+    out = tmp_path / "t5"
+    monkeypatch.setattr(sys, "argv", ["table5.py", "--steps", "1000", "--seeds", "0", "--table1", str(ref),
+                                      "--out", str(out), "--runs", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit):
+        table5.main()
+    assert "trained [200] steps, these ablations 1000" in capsys.readouterr().err
+    assert not out.exists()
