@@ -7,9 +7,10 @@ over several seeds.
     python experiments/table1.py --variants lmm,mag,mal --seeds 0 --set forget_to=init \
         --out results/table1_forget_to_init --runs out/table1_forget_to_init   # a config variation
 
-Runs are resumable: a run whose result file exists is not trained again. Checkpoints go to
-out/table1/RUN/ (not committed; every one is reproduced by this command), the numbers to
-results/table1/ (RUN.json per run, runs.jsonl, table.md).
+Runs are resumable: a run whose result file exists is not trained again, and one cut short continues
+from its last checkpoint (every quarter of the steps; resuming is bit-for-bit, tests/test_train.py).
+Checkpoints go to out/table1/RUN/ (not committed; every one is reproduced by this command), the
+numbers to results/table1/ (RUN.json per run, runs.jsonl, table.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def config(variant: str, seed: int, steps: int, out: Path, data: str):
         "data": {"dir": data, "sources": "pypi", "tokenizer": "byte", "seq_len": 256},
         "optim": {"lr": 3e-3, "warmup_steps": max(1, steps // 10)},
         "train": {"steps": steps, "batch_size": 8, "seed": seed, "eval_every": steps, "eval_windows": 128,
-                  "ckpt_every": steps, "keep_last": 1, "out": str(out), "tensorboard": False,
+                  "ckpt_every": max(1, steps // 4), "keep_last": 1, "out": str(out), "tensorboard": False,
                   "progress": False, "log_every": 50},
     }, source="table1")
 

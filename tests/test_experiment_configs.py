@@ -339,3 +339,13 @@ def test_table5_refuses_a_reference_of_another_budget(tmp_path, monkeypatch, cap
         table5.main()
     assert "trained [200] steps, these ablations 1000" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_table_runs_checkpoint_every_quarter_so_a_cut_run_resumes(tmp_path):
+    """A Table-1/5 run of 1000 steps takes 20-35 min; one cut short by the end of a session resumes
+    from a checkpoint at most a quarter of its steps back, and only one is kept on disk."""
+    import table1
+
+    cfg = table1.config("mac", 0, 1000, tmp_path / "run", "data")
+    assert cfg.train.ckpt_every == 250 and cfg.train.keep_last == 1 and cfg.train.steps == 1000
+    assert table1.config("mac", 0, 3, tmp_path / "run", "data").train.ckpt_every == 1
