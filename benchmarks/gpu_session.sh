@@ -25,6 +25,8 @@
 # PLAN=long: the 170m memory variants at 32K with graphs (about 35-50 s a step each; 7 minutes).
 # PLAN=passkey (after --stage-passkey): the 1024 pass-key MAC fine-tuned at 1K-2K tokens on the GPU
 #   (second_order 0.5 + detach_kv, graphs), then lmm / mal at 8K and the memory variants at 32K (170m).
+# PLAN=niah123 (issue 5, Table 2): the S-NIAH-1/2/3 fine-tune continued on the GPU, two seeds side by
+#   side (answer-only loss), then both read at 2K and 8K there; carry data/corpus and data/tokens.
 # PLAN=combo: compile_speed.py with the compiled chunk step captured in the graphs (memory layer at
 #   4096, 170m lmm step at 2048), eager / graphs / compiled+graphs, in about 3 minutes.
 #
@@ -104,6 +106,46 @@ if [ "${PLAN:-}" = "passkey" ]; then  # issue 5 on the GPU, then issue 3's missi
         --variants mac,lmm,mag,mal,ttt_mlp --deadline $((S32 - 10)) --out "$OUT/speed_32k" > /tmp/speed_32k.log 2>&1
     echo "32k exit $?" >> "$OUT/device.txt"
     tail -n 30 /tmp/speed_8k.log /tmp/speed_32k.log >> "$OUT/device.txt"  # at most 8 files come back
+    exit 0
+fi
+if [ "${PLAN:-}" = "niah123" ]; then  # issue 5, Table 2: the S-NIAH-1/2/3 fine-tune, two seeds side by side
+    # Continues results/table2_niah123/fs0_2048_mix/checkpoint_s{0,1} (300 CPU steps of the 1/2/3 mix)
+    # with the answer-only loss, rows of 1K-2K tokens, bf16 autocast and the chunk loops as CUDA
+    # graphs, for NIAH_MIN minutes each; then both read S-NIAH-1/2/3 at 2K and 8K on the GPU.
+    # Inputs travel with the run: carry data/corpus and data/tokens.
+    if [ -n "${QUICK:-}" ]; then
+        T="--set data.seq_len=256 --set train.batch_size=2 --set train.steps=3 --set train.device=cpu"
+        S=300; E="--device cpu --examples 2 --batch-size 2"; L1=256; L2=512; ES=300
+    else
+        T="--set train.batch_size=${NIAH_BATCH:-8} --set train.steps=${NIAH_STEPS:-200} --set train.device=cuda"
+        T="$T --set train.cuda_graphs=true --set train.bf16=true --set train.max_minutes=${NIAH_MIN:-4.5}"
+        S=${NIAH_S:-330}; E="--device cuda --cuda-graphs --examples 20 --batch-size 20"; L1=2k; L2=8k; ES=${NIAH_ES:-200}
+    fi
+    for s in 0 1; do
+        rm -rf out/niah123_gpu_s$s
+        timeout -k 20 $S $PY -m titans train --config results/table2_niah123/fs0_2048_mix/config_s0.yaml \
+            --set data.dir=data --set train.init_from=results/table2_niah123/fs0_2048_mix/checkpoint_s$s \
+            --set train.seed=$s --set data.task_loss=answer --set optim.lr=5e-4 --set optim.warmup_steps=10 \
+            --set train.ckpt_every=25 --set train.keep_last=1 --set train.out=out/niah123_gpu_s$s $T \
+            > "$OUT/train_s$s.log" 2>&1 &
+    done
+    wait
+    echo "niah123 train done $(date +%T)" >> "$OUT/device.txt"
+    for s in 0 1; do
+        (for L in $L1 $L2; do
+            timeout -k 10 $ES $PY -m titans eval --checkpoint out/niah123_gpu_s$s \
+                --task niah_single_1,niah_single_2,niah_single_3 --lengths $L --align 64 $E \
+                --out out/niah123_gpu_s$s/eval_$L >> "$OUT/eval_s$s.log" 2>&1
+            echo "eval s$s $L exit $? $(date +%T)" >> "$OUT/device.txt"
+        done) &
+    done
+    wait
+    for s in 0 1; do  # weights (no optimizer state), logs, metrics and the readings: one file per seed
+        last=$(ls -d out/niah123_gpu_s$s/checkpoints/step_* 2>/dev/null | tail -1)
+        tar czf "$OUT/niah123_gpu_s$s.tgz" --exclude=trainer.pt out/niah123_gpu_s$s/config.yaml \
+            out/niah123_gpu_s$s/metrics.jsonl out/niah123_gpu_s$s/summary.json out/niah123_gpu_s$s/eval_* \
+            ${last:-} 2>> "$OUT/device.txt"
+    done
     exit 0
 fi
 if [ "${PLAN:-}" = "combo" ]; then  # compiled step inside the graphs: memory at 4K, the 170m lmm step at 2K
