@@ -29,7 +29,7 @@
 #   side (answer-only loss), then both read at 2K and 8K there; carry data/corpus and data/tokens.
 #   The tracked tree is over the device tool's 64 MiB (committed weights under results/): before the
 #   call, move every tracked *.safetensors but the two it starts from out of the checkout, and put
-#   them back after (2026-11-29: `git ls-files '*.safetensors'`, 75.6 MB of 91 MB).
+#   them back after (2026-11-29: `git ls-files '*.safetensors'` holds 87.5 MB of the tree's 92.0 MB).
 # PLAN=combo: compile_speed.py with the compiled chunk step captured in the graphs (memory layer at
 #   4096, 170m lmm step at 2048), eager / graphs / compiled+graphs, in about 3 minutes.
 #
