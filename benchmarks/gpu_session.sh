@@ -27,9 +27,10 @@
 #   (second_order 0.5 + detach_kv, graphs), then lmm / mal at 8K and the memory variants at 32K (170m).
 # PLAN=niah123 (issue 5, Table 2): the S-NIAH-1/2/3 fine-tune continued on the GPU, two seeds side by
 #   side (answer-only loss), then both read at 2K and 8K there; carry data/corpus and data/tokens.
-#   The tracked tree is over the device tool's 64 MiB (committed weights under results/): before the
-#   call, move every tracked *.safetensors but the two it starts from out of the checkout, and put
-#   them back after (2026-11-29: `git ls-files '*.safetensors'` holds 87.5 MB of the tree's 92.0 MB).
+#   The tracked tree is over the device tool's 64 MiB (committed weights under results/; on
+#   2026-11-29 `git ls-files '*.safetensors'` held 87.5 MB of the tree's 92.0 MB): before the call,
+#   `benchmarks/gpu_session.sh --stash results/table2_niah123/fs0_2048_mix` parks every other weight
+#   file in .gpu_stash/ (ignored, so it does not travel); `--unstash` puts them back after.
 # PLAN=combo: compile_speed.py with the compiled chunk step captured in the graphs (memory layer at
 #   4096, 170m lmm step at 2048), eager / graphs / compiled+graphs, in about 3 minutes.
 #
@@ -53,6 +54,22 @@ if [ "${1:-}" = "--stage" ]; then
         mkdir -p "$dest" && cp -r "$ckpt"/config.json "$ckpt"/model.safetensors "$ckpt"/tokenizer "$dest"/
     done
     du -sh .gpu
+    exit 0
+fi
+if [ "${1:-}" = "--stash" ]; then  # the device tool sends at most 64 MiB: park the committed weights
+    # in .gpu_stash/ (ignored, so it stays here), all but those under the folders named after --stash
+    shift
+    git ls-files '*.safetensors' | while read -r f; do
+        keep=""; for k in "$@"; do case $f in "${k%/}"/*) keep=1 ;; esac; done
+        [ -n "$keep" ] || { mkdir -p ".gpu_stash/$(dirname "$f")" && mv "$f" ".gpu_stash/$f"; }
+    done
+    echo "parked $(find .gpu_stash -name '*.safetensors' | wc -l) weight files in .gpu_stash/; put them back with --unstash"
+    exit 0
+fi
+if [ "${1:-}" = "--unstash" ]; then  # after the device call: every parked file back in place
+    [ -d .gpu_stash ] || { echo "nothing parked"; exit 0; }
+    (cd .gpu_stash && find . -type f) | while read -r f; do mkdir -p "$(dirname "$f")" && mv ".gpu_stash/$f" "$f"; done
+    rm -rf .gpu_stash && git status --short -- '*.safetensors'
     exit 0
 fi
 if [ "${1:-}" = "--stage-passkey" ]; then  # PLAN=passkey's inputs: the corpus and the 1024 pass-key MAC
