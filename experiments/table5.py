@@ -74,6 +74,10 @@ def main() -> int:
         trained = sorted({r["steps"] for r in reference})
         p.error(f"the reference runs in {args.table1} trained {trained} steps, these ablations {args.steps}: "
                 "pass the Table-1 results of the same budget as --table1")
+    scored = sorted({r["test_tokens"] for r in reference if "test_tokens" in r})
+    if any(n != args.test_tokens for n in scored):  # the test column compares like with like
+        p.error(f"the reference runs in {args.table1} were tested on {scored} tokens per held-out document, "
+                f"these ablations on {args.test_tokens}: pass --test-tokens {scored[0]}")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     for seed in [] if args.table_only else args.seeds:
@@ -91,7 +95,7 @@ def main() -> int:
             model, tok = load(run)
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)
             s["test_bpb"] = ppl[-1]["bpb"]
-            s.update(seed=seed, ablation=name)
+            s.update(seed=seed, ablation=name, test_tokens=args.test_tokens)
             (root / f"{run_name}.json").write_text(json.dumps(s, indent=1))
             print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}", flush=True)
     rows = {"MAC (reference, Table 1)": reference}

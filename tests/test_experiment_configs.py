@@ -341,6 +341,27 @@ def test_table5_refuses_a_reference_of_another_budget(tmp_path, monkeypatch, cap
     assert not out.exists()
 
 
+def test_table5_refuses_a_reference_tested_on_other_lengths(tmp_path, monkeypatch, capsys):
+    """The held-out test column is only comparable at equal tokens per document (Table 1's default is
+    32768, Table 5's 8192): a reference scored otherwise is refused before training."""
+    import json
+
+    import table5
+
+    ref = tmp_path / "t1"
+    ref.mkdir()
+    (ref / "mac-s0.json").write_text(json.dumps({"steps": 1000, "test_tokens": 32768, "test_bpb": 2.6}))
+    out = tmp_path / "t5"
+    monkeypatch.setattr(sys, "argv", ["table5.py", "--steps", "1000", "--seeds", "0", "--table1", str(ref),
+                                      "--out", str(out), "--runs", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit):
+        table5.main()
+    err = capsys.readouterr().err
+    assert "tested on [32768] tokens per held-out document, these ablations on 8192" in err
+    assert "--test-tokens 32768" in err
+    assert not out.exists()
+
+
 def test_table_runs_checkpoint_every_quarter_so_a_cut_run_resumes(tmp_path):
     """A Table-1/5 run of 1000 steps takes 20-35 min; one cut short by the end of a session resumes
     from a checkpoint at most a quarter of its steps back, and only one is kept on disk."""
