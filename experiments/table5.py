@@ -57,7 +57,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     p.add_argument("--data", default="data")
-    p.add_argument("--test-tokens", type=int, default=8192)
+    p.add_argument("--test-tokens", type=int, default=8192,
+                   help="tokens per held-out document scored (must match the reference runs)")
     p.add_argument("--runs", default="out/table5")
     p.add_argument("--out", default="results/table5")
     p.add_argument("--table1", default="results/table1", help="where the reference mac runs are")

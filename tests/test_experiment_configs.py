@@ -323,43 +323,37 @@ def test_table5_rows_follow_the_base_config():
         parse_model_set(p, ["forget_to"])
 
 
-def test_table5_refuses_a_reference_of_another_budget(tmp_path, monkeypatch, capsys):
-    """The reference row must come from Table-1 runs of the same step count, checked before training."""
+def _table5_refusal(tmp_path, monkeypatch, capsys, reference: dict) -> str:
+    """Run table5.py --steps 1000 against one reference run; it must exit before creating anything."""
     import json
 
     import table5
 
     ref = tmp_path / "t1"
     ref.mkdir()
-    (ref / "mac-s0.json").write_text(json.dumps({"steps": 200, "val_bpb": 3.5, "test_bpb": 3.5}))
+    (ref / "mac-s0.json").write_text(json.dumps(reference))
     out = tmp_path / "t5"
     monkeypatch.setattr(sys, "argv", ["table5.py", "--steps", "1000", "--seeds", "0", "--table1", str(ref),
                                       "--out", str(out), "--runs", str(tmp_path / "runs")])
     with pytest.raises(SystemExit):
         table5.main()
-    assert "trained [200] steps, these ablations 1000" in capsys.readouterr().err
     assert not out.exists()
+    return capsys.readouterr().err
+
+
+def test_table5_refuses_a_reference_of_another_budget(tmp_path, monkeypatch, capsys):
+    """The reference row must come from Table-1 runs of the same step count, checked before training."""
+    err = _table5_refusal(tmp_path, monkeypatch, capsys, {"steps": 200, "val_bpb": 3.5, "test_bpb": 3.5})
+    assert "trained [200] steps, these ablations 1000" in err
 
 
 def test_table5_refuses_a_reference_tested_on_other_lengths(tmp_path, monkeypatch, capsys):
     """The held-out test column is only comparable at equal tokens per document (Table 1's default is
     32768, Table 5's 8192): a reference scored otherwise is refused before training."""
-    import json
-
-    import table5
-
-    ref = tmp_path / "t1"
-    ref.mkdir()
-    (ref / "mac-s0.json").write_text(json.dumps({"steps": 1000, "test_tokens": 32768, "test_bpb": 2.6}))
-    out = tmp_path / "t5"
-    monkeypatch.setattr(sys, "argv", ["table5.py", "--steps", "1000", "--seeds", "0", "--table1", str(ref),
-                                      "--out", str(out), "--runs", str(tmp_path / "runs")])
-    with pytest.raises(SystemExit):
-        table5.main()
-    err = capsys.readouterr().err
+    reference = {"steps": 1000, "test_tokens": 32768, "test_bpb": 2.6}
+    err = _table5_refusal(tmp_path, monkeypatch, capsys, reference)
     assert "tested on [32768] tokens per held-out document, these ablations on 8192" in err
     assert "--test-tokens 32768" in err
-    assert not out.exists()
 
 
 def test_table_runs_checkpoint_every_quarter_so_a_cut_run_resumes(tmp_path):
