@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from titans.memory.conv import check_sequence, conv_qkv
+from titans.memory.conv import check_sequence, conv_qkv, conv_weight
 from titans.ops.gated_delta import gated_delta_chunked
 
 # Gate biases at initialisation: keep most of the state, write half-strength.
@@ -65,11 +65,7 @@ class GatedDeltaNet(nn.Module):
         self.chunk_size, self.kernel = chunk_size, conv_kernel
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.conv = nn.Parameter(torch.zeros(3 * dim, conv_kernel)) if conv else None
-        if conv:  # start close to identity: the current token dominates
-            with torch.no_grad():
-                self.conv[:, -1] = 1.0
-                self.conv[:, :-1].normal_(0, 0.1)
+        self.conv = nn.Parameter(conv_weight(3 * dim, conv_kernel)) if conv else None
         self.gates = nn.Linear(dim, 2 * heads)  # [alpha logits (heads) | beta logits (heads)]
         nn.init.normal_(self.gates.weight, std=0.02)
         with torch.no_grad():

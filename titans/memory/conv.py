@@ -183,6 +183,15 @@ def nonfinite_input_error(owner: str) -> FloatingPointError:
                               "(it came from the layers before this one)")
 
 
+def conv_weight(channels: int, kernel: int) -> Tensor:
+    """A depthwise causal-conv weight (channels, kernel) that starts close to identity: the current
+    token's tap is 1, the earlier taps small noise, so the current token dominates at init."""
+    w = torch.empty(channels, kernel)
+    w[:, :-1].normal_(0, 0.1)
+    w[:, -1] = 1.0
+    return w
+
+
 def conv_qkv(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None, heads: int,
              normalize: bool = True):
     """Inputs x (B, T, dim) -> q, k, v (B, H, T, D): projected by proj (3 dim, dim), causal conv +

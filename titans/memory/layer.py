@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .chunked import memory_read, run_memory
-from .conv import check_sequence, conv_qkv, conv_silu, nonfinite_input_error
+from .conv import check_sequence, conv_qkv, conv_silu, conv_weight, nonfinite_input_error
 from .functional import MemoryState, no_autocast, rms_norm_backward, rms_scale, silu_grad
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
@@ -107,11 +107,7 @@ class NeuralMemory(nn.Module):
         D = self.head_dim
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.conv = nn.Parameter(torch.zeros(3 * dim, conv_kernel)) if conv else None
-        if conv:  # start close to identity: the current token dominates
-            with torch.no_grad():
-                self.conv[:, -1] = 1.0
-                self.conv[:, :-1].normal_(0, 0.1)
+        self.conv = nn.Parameter(conv_weight(3 * dim, conv_kernel)) if conv else None
         # gate logits: theta always, eta with momentum, alpha with forgetting
         self.gate_names = ["theta"] + (["eta"] if momentum else []) + (["alpha"] if forgetting else [])
         self.gates_per_head = depth if per_layer_gates else 1
