@@ -50,6 +50,7 @@ def slug(name: str) -> str:
 
 def main() -> int:
     from titans.checkpoint import list_checkpoints, load
+    from titans.errors import TrainingDiverged
     from titans.evaluate import eval_ppl
     from titans.train import stop_if_interrupted, train
 
@@ -90,8 +91,15 @@ def main() -> int:
             print(f"== {name} seed {seed}", flush=True)
             cfg = config("mac", seed, args.steps, run, args.data)
             cfg.model.update({**args.model_set, **overrides})
-            s = train(cfg, log=lambda m: print(m, flush=True),
-                      resume=True if list_checkpoints(run) else None)  # an interrupted run continues
+            try:
+                s = train(cfg, log=lambda m: print(m, flush=True),
+                          resume=True if list_checkpoints(run) else None)  # an interrupted run continues
+            except TrainingDiverged as e:  # a result of the row, recorded; rerunning would repeat it
+                record = {"seed": seed, "ablation": name, "steps": args.steps, "diverged_at_step": e.step,
+                          "diverged": f"{e.quantity} {e.value}", "error": str(e)}
+                (root / f"{run_name}.json").write_text(json.dumps(record, indent=1))
+                print(f"   diverged: {e.quantity} {e.value} at step {e.step}", flush=True)
+                continue
             stop_if_interrupted(s, run_name)
             model, tok = load(run)
             ppl = eval_ppl(model, tok, args.data, max_tokens=args.test_tokens, log=lambda *a: None)
@@ -102,16 +110,31 @@ def main() -> int:
     rows = {"MAC (reference, Table 1)": reference}
     for name in rows_to_train:
         rows[name] = [json.loads(p.read_text()) for p in sorted(root.glob(f"{slug(name)}-s*.json"))]
-    lines = ["| model | parameters | seeds | val bits/byte | held-out test bits/byte |",
-             "|---|---:|---:|---:|---:|"]
-    for name, rs in rows.items():
-        if rs:
-            val, test = _mean_sd([r["val_bpb"] for r in rs]), _mean_sd([r["test_bpb"] for r in rs])
-            lines.append(f"| {name} | {rs[0]['parameters']:,} | {len(rs)} | {val} | {test} |")
-    text = "\n".join(lines) + "\n"
+    text = table(rows)
     (root / "table.md").write_text(text)
     print(text)
     return 0
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    """The markdown table: mean ± sd over the finished seeds of each row; a seed whose training
+    diverged counts in the seeds column and is named below the table, with the step it stopped at."""
+    lines = ["| model | parameters | seeds | val bits/byte | held-out test bits/byte |",
+             "|---|---:|---:|---:|---:|"]
+    notes = []
+    for name, rs in rows.items():
+        done = [r for r in rs if "diverged_at_step" not in r]
+        for r in rs:
+            if "diverged_at_step" in r:
+                notes.append(f"- {name}, seed {r['seed']}: training diverged ({r['diverged']}) at step "
+                             f"{r['diverged_at_step']} of {r['steps']}; not in the mean.")
+        seeds = f"{len(done)}" + (f" (+{len(rs) - len(done)} diverged)" if len(done) < len(rs) else "")
+        if done:
+            val, test = _mean_sd([r["val_bpb"] for r in done]), _mean_sd([r["test_bpb"] for r in done])
+            lines.append(f"| {name} | {done[0]['parameters']:,} | {seeds} | {val} | {test} |")
+        elif rs:
+            lines.append(f"| {name} | | {seeds} | diverged | diverged |")
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 if __name__ == "__main__":

@@ -364,3 +364,45 @@ def test_table_runs_checkpoint_every_quarter_so_a_cut_run_resumes(tmp_path):
     cfg = table1.config("mac", 0, 1000, tmp_path / "run", "data")
     assert cfg.train.ckpt_every == 250 and cfg.train.keep_last == 1 and cfg.train.steps == 1000
     assert table1.config("mac", 0, 3, tmp_path / "run", "data").train.ckpt_every == 1
+
+
+def test_table5_records_a_diverged_run_as_a_result(tmp_path, monkeypatch):
+    """A row whose training diverges is a finding (the paper's forgetting rule overflows on some seeds):
+    table5 records the step and what became non-finite, does not train it again, names it under the
+    table and keeps it out of the mean."""
+    import json
+
+    import table5
+
+    import titans.train
+    from titans.errors import TrainingDiverged
+
+    calls = []
+
+    def diverging(cfg, **kwargs):
+        calls.append(cfg.train.seed)
+        raise TrainingDiverged("the gradient became nan at step 492", step=492, quantity="gradient",
+                               value=float("nan"))
+
+    monkeypatch.setattr(titans.train, "train", diverging)
+    ref = tmp_path / "t1"
+    ref.mkdir()
+    for seed, bpb in ((0, 2.6), (1, 2.62)):
+        (ref / f"mac-s{seed}.json").write_text(json.dumps(
+            {"steps": 1000, "test_tokens": 8192, "val_bpb": bpb, "test_bpb": bpb, "parameters": 1000}))
+    out = tmp_path / "t5"
+    argv = ["table5.py", "--steps", "1000", "--seeds", "1", "--only", "no_conv", "--table1", str(ref),
+            "--out", str(out), "--runs", str(tmp_path / "runs")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert table5.main() == 0
+    record = json.loads((out / "no_conv-s1.json").read_text())
+    assert record["diverged_at_step"] == 492 and record["diverged"] == "gradient nan"
+    text = (out / "table.md").read_text()
+    assert "| no conv | | 0 (+1 diverged) | diverged | diverged |" in text
+    assert "- no conv, seed 1: training diverged (gradient nan) at step 492 of 1000; not in the mean." in text
+    assert "| MAC (reference, Table 1) | 1,000 | 2 | 2.610 ± 0.014 |" in text
+    assert table5.main() == 0 and calls == [1]  # recorded: not trained again
+    # a row with one finished and one diverged seed: the mean is the finished one's
+    finished = {"seed": 0, "val_bpb": 2.7, "test_bpb": 2.8, "parameters": 1000}
+    mixed = table5.table({"no conv": [finished, record]})
+    assert "| no conv | 1,000 | 1 (+1 diverged) | 2.700 | 2.800 |" in mixed

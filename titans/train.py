@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from . import distributed
 from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
 from .device import pick_device
-from .errors import TitansError
+from .errors import TitansError, TrainingDiverged
 from .memory import chunks_compiled, chunks_graphed, compile_chunks, graph_chunks
 from .model import PARAMETER_FREE_FIELDS, PRESETS, TitansConfig, TitansLM, count_parameters
 
@@ -554,19 +554,20 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                                                  autocast=autocast, last=micro == t.grad_accum - 1)
                 loss_val = distributed.mean_across(loss_sum / t.grad_accum, world, device)
                 if not math.isfinite(loss_val):
-                    raise TitansError(f"the training loss became {loss_val} at step {step} (lr "
-                                      f"{scheduler.get_last_lr()[0]:.2e}); lower optim.lr or set "
-                                      f"optim.grad_clip; resume from the last checkpoint in {run_dir}")
+                    raise TrainingDiverged(f"the training loss became {loss_val} at step {step} (lr "
+                                           f"{scheduler.get_last_lr()[0]:.2e}); lower optim.lr or set "
+                                           f"optim.grad_clip; resume from the last checkpoint in {run_dir}",
+                                           step=step, quantity="loss", value=loss_val)
                 # the norm is taken even without clipping (max_norm inf), to catch a non-finite gradient
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
                 if not math.isfinite(grad_norm):
-                    raise TitansError(
+                    raise TrainingDiverged(
                         f"the gradient became {grad_norm} at step {step} while the loss was finite "
                         f"({loss_val:.4g}); the weights were not updated. Backpropagating through the memory "
                         f"over {d.seq_len} tokens can overflow (benchmarks/results/grad_norm_vs_length.md): "
                         f"set train.bptt (e.g. 256), or model.forget_to=init, or lower optim.lr; resume from "
-                        f"the last checkpoint in {run_dir}")
+                        f"the last checkpoint in {run_dir}", step=step, quantity="gradient", value=grad_norm)
                 if main and not warned_grad and grad_norm > EXPLODING_GRAD_NORM:
                     warned_grad = True
                     say(f"warning: gradient norm {grad_norm:.3g} at step {step + 1} (clipped to "
