@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def main() -> int:
                           resume=True if list_checkpoints(run) else None)  # an interrupted run continues
             except TrainingDiverged as e:  # a result of the row, recorded; rerunning would repeat it
                 record = {"seed": seed, "ablation": name, "steps": args.steps, "diverged_at_step": e.step,
-                          "diverged": f"{e.quantity} {e.value}", "error": str(e)}
+                          "diverged": f"{e.quantity} {e.value}", "error": str(e), "run_dir": str(run)}
                 (root / f"{run_name}.json").write_text(json.dumps(record, indent=1))
                 print(f"   diverged: {e.quantity} {e.value} at step {e.step}", flush=True)
                 continue
@@ -107,20 +108,56 @@ def main() -> int:
             s.update(seed=seed, ablation=name, test_tokens=args.test_tokens)
             (root / f"{run_name}.json").write_text(json.dumps(s, indent=1))
             print(f"   val {s['val_bpb']:.4f}  test {s['test_bpb']:.4f}", flush=True)
-    rows = {"MAC (reference, Table 1)": reference}
+    files = {"MAC (reference, Table 1)": sorted(Path(args.table1).glob("mac-s*.json"))}
     for name in rows_to_train:
-        rows[name] = [json.loads(p.read_text()) for p in sorted(root.glob(f"{slug(name)}-s*.json"))]
+        files[name] = sorted(root.glob(f"{slug(name)}-s*.json"))
+    rows = {name: [with_grad_stats(f) for f in fs] for name, fs in files.items()}
     text = table(rows)
     (root / "table.md").write_text(text)
     print(text)
     return 0
 
 
+def grad_stats(metrics: Path) -> dict | None:
+    """The outer gradient's norm before clipping over a run's logged steps (metrics.jsonl; a step
+    logged twice, by a resumed run, counts once): median, max, and how many steps passed 10."""
+    if not metrics.exists():
+        return None
+    norms = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "grad_norm" in r:
+            norms[r["step"]] = r["grad_norm"]
+    if not norms:
+        return None
+    g = list(norms.values())
+    return {"grad_norm_median": statistics.median(g), "grad_norm_max": max(g),
+            "grad_norm_over_10": sum(x > 10 for x in g), "grad_norm_steps": len(g)}
+
+
+def with_grad_stats(path: Path) -> dict:
+    """A run's record, with its outer-gradient statistics added (and saved into the record) the first
+    time its run folder's metrics are at hand; a record without them stays as it is."""
+    r = json.loads(path.read_text())
+    if "grad_norm_max" not in r and r.get("run_dir"):
+        stats = grad_stats(Path(r["run_dir"]) / "metrics.jsonl")
+        if stats:
+            r.update(stats)
+            path.write_text(json.dumps(r, indent=1))
+    return r
+
+
+def _grad_cell(rs: list[dict]) -> str:
+    cells = [f"s{r['seed']}: {r['grad_norm_max']:.3g}, {r['grad_norm_over_10']} of {r['grad_norm_steps']}"
+             for r in rs if "grad_norm_max" in r]
+    return "; ".join(cells)
+
+
 def table(rows: dict[str, list[dict]]) -> str:
     """The markdown table: mean ± sd over the finished seeds of each row; a seed whose training
     diverged counts in the seeds column and is named below the table, with the step it stopped at."""
-    lines = ["| model | parameters | seeds | val bits/byte | held-out test bits/byte |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| model | parameters | seeds | val bits/byte | held-out test bits/byte "
+             "| outer gradient norm before clipping: max, steps above 10 |", "|---|---:|---:|---:|---:|---|"]
     notes = []
     for name, rs in rows.items():
         done = [r for r in rs if "diverged_at_step" not in r]
@@ -131,9 +168,10 @@ def table(rows: dict[str, list[dict]]) -> str:
         seeds = f"{len(done)}" + (f" (+{len(rs) - len(done)} diverged)" if len(done) < len(rs) else "")
         if done:
             val, test = _mean_sd([r["val_bpb"] for r in done]), _mean_sd([r["test_bpb"] for r in done])
-            lines.append(f"| {name} | {done[0]['parameters']:,} | {seeds} | {val} | {test} |")
+            grads = _grad_cell(rs)
+            lines.append(f"| {name} | {done[0]['parameters']:,} | {seeds} | {val} | {test} | {grads} |")
         elif rs:
-            lines.append(f"| {name} | | {seeds} | diverged | diverged |")
+            lines.append(f"| {name} | | {seeds} | diverged | diverged | {_grad_cell(rs)} |")
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 

@@ -381,6 +381,11 @@ def test_table5_records_a_diverged_run_as_a_result(tmp_path, monkeypatch):
 
     def diverging(cfg, **kwargs):
         calls.append(cfg.train.seed)
+        run = Path(cfg.train.out)  # its metrics, step 2 logged twice (as by a resumed run)
+        run.mkdir(parents=True)
+        steps = [(1, 0.5), (2, 20.0), (2, 30.0), (3, 3.0)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "grad_norm": g}) + "\n"
+                                                   for i, g in steps))
         raise TrainingDiverged("the gradient became nan at step 492", step=492, quantity="gradient",
                                value=float("nan"))
 
@@ -397,8 +402,10 @@ def test_table5_records_a_diverged_run_as_a_result(tmp_path, monkeypatch):
     assert table5.main() == 0
     record = json.loads((out / "no_conv-s1.json").read_text())
     assert record["diverged_at_step"] == 492 and record["diverged"] == "gradient nan"
+    record = table5.with_grad_stats(out / "no_conv-s1.json")
     text = (out / "table.md").read_text()
-    assert "| no conv | | 0 (+1 diverged) | diverged | diverged |" in text
+    assert "| no conv | | 0 (+1 diverged) | diverged | diverged | s1: 30, 1 of 3 |" in text
+    assert json.loads((out / "no_conv-s1.json").read_text())["grad_norm_median"] == 3.0  # saved in the record
     assert "- no conv, seed 1: training diverged (gradient nan) at step 492 of 1000; not in the mean." in text
     assert "| MAC (reference, Table 1) | 1,000 | 2 | 2.610 ± 0.014 |" in text
     assert table5.main() == 0 and calls == [1]  # recorded: not trained again
