@@ -121,13 +121,11 @@ def main() -> int:
 def grad_stats(metrics: Path) -> dict | None:
     """The outer gradient's norm before clipping over a run's logged steps (metrics.jsonl; a step
     logged twice, by a resumed run, counts once): median, max, and how many steps passed 10."""
+    from titans.train import read_metrics
+
     if not metrics.exists():
         return None
-    norms = {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        if "grad_norm" in r:
-            norms[r["step"]] = r["grad_norm"]
+    norms = {r["step"]: r["grad_norm"] for r in read_metrics(metrics) if "grad_norm" in r}
     if not norms:
         return None
     g = list(norms.values())
