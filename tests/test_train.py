@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -324,7 +323,7 @@ def test_cuda_graphs_on_the_cpu_is_a_clear_error(tmp_path, corpus_dir, monkeypat
     from titans.distributed import World
 
     monkeypatch.setattr(tr.distributed, "setup", lambda device: World(0, 2, 0))
-    monkeypatch.setattr(tr.distributed, "teardown", lambda: None)
+    monkeypatch.setattr(tr.distributed, "teardown", lambda finished: None)
     with pytest.raises(TitansError, match=r"runs on one process only, got 2: drop it under torchrun"):
         train(cfg, log=quiet)
     assert not chunks_graphed()
@@ -472,19 +471,31 @@ def _torchrun(tmp_path, corpus_dir, nproc, batch, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     for attempt in range(2):
         shutil.rmtree(out, ignore_errors=True)
-        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        # Known, rare (about 1 in 10 under load): a gloo worker aborts with "terminate called without
-        # an active exception" (a joinable C++ thread destroyed). Retried once; any other failure fails.
-        if p.returncode == 0 or attempt or "terminate called without an active exception" not in p.stderr:
+        # its own session, so that a hung run is killed with its worker processes
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=150)  # a run takes about 7 s here, 20 s under load
+            hung = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            hung = True
+        # Known, rare gloo faults at process exit (about 1 in 10 under load for the first; the second
+        # seen once in CI): a worker aborts with "terminate called without an active exception" (a
+        # joinable C++ thread destroyed), or hangs after training finished. Retried once; any other
+        # failure fails.
+        known = hung or "terminate called without an active exception" in stderr
+        if (proc.returncode == 0 and not hung) or attempt or not known:
             break
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert not hung, f"hung for 150 s; stdout: {stdout[-2000:]}\nstderr: {stderr[-2000:]}"
+    assert proc.returncode == 0, stderr[-3000:]
     return out
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_dir, mode):
     extra = ["train.fsdp=true"] if mode == "fsdp" else []
-    t0 = time.time()
     one = losses(_torchrun(tmp_path, corpus_dir, 1, 4))
     two_dir = _torchrun(tmp_path, corpus_dir, 2, 2, extra)
     two = losses(two_dir)
@@ -494,7 +505,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_dir
     assert one[4] != one[1]  # the model did train
     # the 2-process run wrote one loadable checkpoint (rank 0 only)
     model, _ = load(two_dir)
-    assert open_checkpoint(two_dir).step == 4 and time.time() - t0 < 300
+    assert open_checkpoint(two_dir).step == 4
     summary = json.loads((two_dir / "summary.json").read_text())
     assert summary["tokens"] == 4 * 2 * 2 * 32
 

@@ -35,8 +35,16 @@ def setup(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def teardown(finished: bool = True) -> None:
+    """Leave the process group. After a finished run every process first waits for the others (a
+    barrier): destroying the group while another process is still busy (rank 0 writing the last
+    checkpoint) can hang (pytorch/pytorch#75097). After an error nothing is destroyed: the other
+    processes may be blocked in a collective, and destroying would deadlock; the process exits and
+    torchrun stops the rest."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
         dist.destroy_process_group()
 
 

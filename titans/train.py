@@ -404,7 +404,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
     from .data.stream import bits_per_byte, evaluate_loss, prepare, train_batch
 
     world = distributed.setup(torch.device("cuda" if cfg.train.device.startswith("cuda") else "cpu"))
-    compiled_here = graphed_here = False
+    compiled_here = graphed_here = finished = False
     try:
         device = pick_device(cfg.train.device, world.local_rank)
         if device.type == "cuda":
@@ -625,13 +625,14 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
                 plot_losses({model_cfg.variant: run_dir / "metrics.jsonl"}, run_dir / "loss.png")
             if stopped:
                 say(f"stopped by {stopped} at step {step}; checkpoint {last_ckpt}; continue with --resume")
+        finished = True
         return summary
     finally:
         if compiled_here:
             compile_chunks(False)
         if graphed_here:
             graph_chunks(False)
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
