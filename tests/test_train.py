@@ -493,6 +493,26 @@ def _torchrun(tmp_path, corpus_dir, nproc, batch, extra=()):
     return out
 
 
+def test_teardown_waits_for_the_others_after_a_finished_run_and_destroys_nothing_after_an_error(
+        tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from titans import distributed
+
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        distributed.teardown(finished=False)  # after an error: the group stays (others may be blocked)
+        assert dist.is_initialized() and not barriers
+        distributed.teardown(finished=True)
+        assert not dist.is_initialized() and barriers == [1]
+        distributed.teardown()  # nothing to leave: a no-op
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_dir, mode):
     extra = ["train.fsdp=true"] if mode == "fsdp" else []
