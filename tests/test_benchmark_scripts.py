@@ -1,5 +1,5 @@
-"""benchmarks/model_speed.py and benchmarks/length_growth.py: the README's throughput and growth
-tables come from their workers, so the workers' bookkeeping is checked on a tiny run."""
+"""benchmarks/model_speed.py, length_growth.py and the other benchmark scripts: the README's and
+docs' tables come from their workers, so the workers' bookkeeping is checked on a tiny run."""
 
 import math
 import sys
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import checkpoint_every  # noqa: E402
 import length_growth  # noqa: E402
 import model_speed  # noqa: E402
 
@@ -164,3 +165,17 @@ def test_memory_ab_times_the_base_revision_and_the_working_tree_side_by_side(tmp
     bad = subprocess.run([sys.executable, str(script), "--base", "no-such-revision"], capture_output=True,
                          text=True, timeout=120, cwd=root)
     assert bad.returncode != 0 and "is not a revision" in bad.stderr
+
+
+def test_checkpoint_every_gives_the_same_gradients_for_every_stretch_length_and_restores_it():
+    import titans.memory.chunked as chunked
+
+    before = chunked.CHECKPOINT_EVERY
+    r = checkpoint_every.run(T=200, values=[4, 1, 3], steps=2, dim=32, heads=2)  # 4 chunks, the last open
+    assert chunked.CHECKPOINT_EVERY == before
+    assert [row["checkpoint_every"] for row in r["rows"]] == [4, 1, 3]
+    for row in r["rows"]:
+        assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["max_rel_diff_vs_first"] < 1e-5
+    assert "| 3 |" in checkpoint_every.table(r)
+    with pytest.raises(ValueError, match="values >= 1"):
+        checkpoint_every.run(T=64, values=[0], steps=1)
