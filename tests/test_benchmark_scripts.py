@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import checkpoint_every  # noqa: E402
 import length_growth  # noqa: E402
 import model_speed  # noqa: E402
+import wait_policy  # noqa: E402
 
 
 def test_model_speed_worker_reports_the_steady_state_apart_from_the_first_step():
@@ -179,3 +180,13 @@ def test_checkpoint_every_gives_the_same_gradients_for_every_stretch_length_and_
     assert "| 3 |" in checkpoint_every.table(r)
     with pytest.raises(ValueError, match="values >= 1"):
         checkpoint_every.run(T=64, values=[0], steps=1)
+
+
+def test_wait_policy_workers_get_the_policy_and_threads_asked_for_and_the_table_divides_them(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the caller's own setting does not leak into "unset"
+    unset = wait_policy.run_worker(T=64, steps=1, threads=1, policy=None)
+    passive = wait_policy.run_worker(T=64, steps=1, threads=1, policy="PASSIVE")
+    assert (unset["policy"], unset["threads"]) == (None, 1)
+    assert (passive["policy"], passive["threads"]) == ("PASSIVE", 1) and passive["seconds"] > 0
+    row = {"T": 64, "threads": 1, "other_process": True, "seconds": {"unset": 3.0, "PASSIVE": 1.5}}
+    assert "| 64 | 1 | one busy process | 3.000 | 1.500 | 2.00x |" in wait_policy.table([row])
