@@ -8,8 +8,8 @@ and every one of the thousands of small parallel regions in a memory step pays f
 
 This script times forward + backward of the benchmark NeuralMemory (issue 2's settings: dim 384,
 4 heads, depth 2, expansion 4, chunk 64, batch 2) in fresh processes, with the policy unset and
-PASSIVE alternating, on an otherwise idle machine and next to one busy single-thread process (a
-matmul loop standing in for a training run on the other core).
+PASSIVE and one thread alternating, on an otherwise idle machine and next to one busy single-thread
+process (the same step in a loop, standing in for a training run on the other core).
 
     python benchmarks/wait_policy.py --T 1024 --repeats 3 --out benchmarks/results/wait_policy
 """
@@ -25,8 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = {"unset": None, "PASSIVE": "PASSIVE"}
-BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+# the timed settings: name -> (threads, OMP_WAIT_POLICY); "threads" None means --threads
+SETTINGS = {"unset": (None, None), "PASSIVE": (None, "PASSIVE"), "1 thread": (1, None)}
+# the other process: the same memory step on one thread, in a loop (a training run on the other core)
+BUSY = ("import torch\ntorch.set_num_threads(1)\nfrom titans.memory import NeuralMemory\n"
+        "m = NeuralMemory(384, 4, depth=2, expansion=4, chunk_size=64)\nx = torch.randn(2, 512, 384)\n"
+        "while True:\n    m(x)[0].square().mean().backward()\n")
 
 
 def worker(T: int, steps: int) -> dict:
@@ -68,11 +72,14 @@ def measure(T: int, steps: int, threads: int, repeats: int, busy: bool) -> dict:
     other = subprocess.Popen([sys.executable, "-c", BUSY], env={**os.environ, "OMP_NUM_THREADS": "1"}) \
         if busy else None
     try:
-        runs: dict[str, list[float]] = {name: [] for name in POLICIES}
-        names = list(POLICIES)
+        if other is not None:
+            time.sleep(5)  # let it get going
+        runs: dict[str, list[float]] = {name: [] for name in SETTINGS}
+        names = list(SETTINGS)
         for r in range(repeats):
             for name in names if r % 2 == 0 else names[::-1]:
-                res = run_worker(T, steps, threads, POLICIES[name])
+                n, policy = SETTINGS[name]
+                res = run_worker(T, steps, n or threads, policy)
                 runs[name].append(res["seconds"])
                 print(f"  T={T} {'busy' if busy else 'idle'} {name:8s} run {r + 1}: {res['seconds']:.3f} s",
                       flush=True)
@@ -85,12 +92,14 @@ def measure(T: int, steps: int, threads: int, repeats: int, busy: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| T | threads | other core | OMP_WAIT_POLICY unset s | PASSIVE s | unset / PASSIVE |",
-             "|---:|---:|---|---:|---:|---:|"]
+    lines = ["| T | threads | other core | OMP_WAIT_POLICY unset s | PASSIVE s | unset / PASSIVE "
+             "| one thread s |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         s = r["seconds"]
         lines.append(f"| {r['T']} | {r['threads']} | {'one busy process' if r['other_process'] else 'idle'} "
-                     f"| {s['unset']:.3f} | {s['PASSIVE']:.3f} | {s['unset'] / s['PASSIVE']:.2f}x |")
+                     f"| {s['unset']:.3f} | {s['PASSIVE']:.3f} | {s['unset'] / s['PASSIVE']:.2f}x "
+                     f"| {s['1 thread']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -309,6 +309,38 @@ def test_a_non_finite_gradient_stops_training_with_the_remedy(tmp_path, corpus_d
         assert (e.value.step, e.value.quantity) == (0, "gradient") and not math.isfinite(e.value.value)
 
 
+def test_oversubscribed_cpu_threads_get_a_warning_that_names_the_fix(tmp_path, corpus_dir, monkeypatch):
+    """Two threads next to a busy core crawl (benchmarks/results/wait_policy.md): the trainer says so
+    at the start, with the OMP_NUM_THREADS that fits; with the cores free it says nothing."""
+    import titans.train as tr
+    from titans.device import busy_cores, oversubscription_hint
+
+    assert oversubscription_hint(1, 5.0, 2) is None and oversubscription_hint(2, None, 2) is None
+    assert oversubscription_hint(2, 0.2, 2) is None and oversubscription_hint(4, 2.0, 8) is None
+    assert "OMP_NUM_THREADS=1" in oversubscription_hint(2, 1.0, 2)
+    assert "OMP_NUM_THREADS=6" in oversubscription_hint(8, 2.1, 8)
+    with pytest.raises(ValueError, match="at least 1"):
+        oversubscription_hint(0, 1.0, 2)
+    busy = busy_cores(0.05)
+    assert busy is None or -1e-9 <= busy <= os.cpu_count() + 1e-9
+    with pytest.raises(ValueError, match="positive"):
+        busy_cores(0)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for others, warned in ((1.0, True), (0.0, False)):
+            monkeypatch.setattr(tr, "busy_cores", lambda others=others: others)
+            monkeypatch.setattr(tr, "usable_cores", lambda: 2)
+            lines = []
+            train(small_config(tmp_path / str(others), corpus_dir, **{"train.steps": 1}), log=lines.append)
+            hits = [line for line in lines if line.startswith("warning: other processes keep")]
+            assert bool(hits) == warned, lines
+            assert not hits or "1.0 of 2 CPU cores busy and this one runs 2 threads" in hits[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cuda_graphs_on_the_cpu_is_a_clear_error(tmp_path, corpus_dir, monkeypatch):
     """train.cuda_graphs captures the memory's chunk loops as CUDA graphs: on the CPU it names the fix
     and leaves the process-wide switch off."""
