@@ -2,12 +2,24 @@
 
 import bz2
 import io
+import os
 import random
 import tarfile
 import zipfile
 from pathlib import Path
 
-import pytest
+# One CPU thread unless the caller sets OMP_NUM_THREADS: the suite's tensors are small, so two threads
+# gain nothing (165.7 s against 163.0 s for the whole suite on an idle 2-core machine, 2026-11-30),
+# and next to a busy core every parallel op waits for the thread that lost it (a two-thread memory
+# step ran 12x slower: README, "Sharing the CPU"; the suite once took 17.5 min that way). Set before
+# torch is imported, so that the tests' subprocesses inherit it too.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before this file
+
+import pytest  # noqa: E402
 
 WORDS = ("the and of to my lord what is this that with not you your good sir love night king "
          "speak come hath thou thee shall will heart death crown sweet grace father blood time "
