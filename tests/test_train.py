@@ -312,8 +312,9 @@ def test_a_non_finite_gradient_stops_training_with_the_remedy(tmp_path, corpus_d
 def test_oversubscribed_cpu_threads_get_a_warning_that_names_the_fix(tmp_path, corpus_dir, monkeypatch):
     """Two threads next to a busy core crawl (benchmarks/results/wait_policy.md): the trainer says so
     at the start, with the OMP_NUM_THREADS that fits; with the cores free it says nothing."""
-    import titans.train as tr
-    from titans.device import busy_cores, oversubscription_hint
+    import titans.device
+    from titans.device import busy_cores, cpu_warning, oversubscription_hint
+    from titans.evaluate import evaluate
 
     assert oversubscription_hint(1, 5.0, 2) is None and oversubscription_hint(2, None, 2) is None
     assert oversubscription_hint(2, 0.2, 2) is None and oversubscription_hint(4, 2.0, 8) is None
@@ -329,14 +330,22 @@ def test_oversubscribed_cpu_threads_get_a_warning_that_names_the_fix(tmp_path, c
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        assert cpu_warning(torch.device("meta")) is None  # not a CPU: nothing measured
         for others, warned in ((1.0, True), (0.0, False)):
-            monkeypatch.setattr(tr, "busy_cores", lambda others=others: others)
-            monkeypatch.setattr(tr, "usable_cores", lambda: 2)
+            monkeypatch.setattr(titans.device, "busy_cores", lambda others=others: others)
+            monkeypatch.setattr(titans.device, "usable_cores", lambda: 2)
             lines = []
             train(small_config(tmp_path / str(others), corpus_dir, **{"train.steps": 1}), log=lines.append)
             hits = [line for line in lines if line.startswith("warning: other processes keep")]
             assert bool(hits) == warned, lines
             assert not hits or "1.0 of 2 CPU cores busy and this one runs 2 threads" in hits[0]
+            # the evaluation says the same before it starts
+            lines = []
+            evaluate(tmp_path / str(others) / "run", ["ppl"], [], data_dir=corpus_dir, n_examples=1,
+                     max_tokens=64, out_dir=tmp_path / f"eval{others}", log=lines.append)
+            assert any(line.startswith("warning: other processes keep") for line in lines) == warned
+        torch.set_num_threads(1)
+        assert cpu_warning(torch.device("cpu")) is None  # one thread: nothing to warn about
     finally:
         torch.set_num_threads(threads)
 

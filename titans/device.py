@@ -79,3 +79,12 @@ def oversubscription_hint(threads: int, others_busy: float | None, cores: int) -
     return (f"other processes keep {others_busy:.1f} of {cores} CPU cores busy and this one runs {threads} "
             f"threads: each parallel step would wait for a thread whose core is taken (12x slower, measured "
             f"in benchmarks/results/wait_policy.md); set OMP_NUM_THREADS={fit}, or stop the other work")
+
+
+def cpu_warning(device: torch.device) -> str | None:
+    """The oversubscription warning for work about to run on `device` (None on a GPU, on one CPU
+    thread, or when the cores are free). Costs `busy_cores`' 0.2 s on a CPU with several threads."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return None
+    return oversubscription_hint(threads, busy_cores(), usable_cores())

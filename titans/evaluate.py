@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import pick_device
+from .device import cpu_warning, pick_device
 from .errors import TitansError
 
 TASK_GROUPS = {
@@ -541,6 +541,9 @@ def evaluate(checkpoint: str | Path, tasks: list[str], lengths: list[int], *, da
         raise TitansError("--examples, --piece and --batch-size must be >= 1 and --max-tokens >= 2; got "
                           f"{n_examples}, {piece}, {batch_size} and {max_tokens}")
     target = pick_device(device)
+    hint = cpu_warning(target)
+    if hint:
+        log(f"warning: {hint}")
     graph_here = cuda_graphs and not chunks_graphed()
     if graph_here and target.type != "cuda":
         raise TitansError(f"--cuda-graphs needs a CUDA device, got {target}: drop it or pass --device cuda")

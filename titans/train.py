@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import distributed
 from .checkpoint import list_checkpoints, open_checkpoint, save_checkpoint
-from .device import busy_cores, oversubscription_hint, pick_device, usable_cores
+from .device import cpu_warning, pick_device
 from .errors import TitansError, TrainingDiverged
 from .memory import chunks_compiled, chunks_graphed, compile_chunks, graph_chunks
 from .model import PARAMETER_FREE_FIELDS, PRESETS, TitansConfig, TitansLM, count_parameters
@@ -504,10 +504,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         say(f"model: {model_cfg.variant}, {n_params:,} parameters, vocab {model_cfg.vocab_size} "
             f"({tokenizer.name}); {world.size} process(es) on {device}; {tokens_per_step:,} tokens/step, "
             f"{t.steps} steps; run folder {run_dir}")
-        if device.type == "cpu" and torch.get_num_threads() > 1:
-            hint = oversubscription_hint(torch.get_num_threads(), busy_cores(), usable_cores())
-            if hint:
-                say(f"warning: {hint}")
+        hint = cpu_warning(device)
+        if hint:
+            say(f"warning: {hint}")
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
