@@ -504,7 +504,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, log=print) -> d
         say(f"model: {model_cfg.variant}, {n_params:,} parameters, vocab {model_cfg.vocab_size} "
             f"({tokenizer.name}); {world.size} process(es) on {device}; {tokens_per_step:,} tokens/step, "
             f"{t.steps} steps; run folder {run_dir}")
-        hint = cpu_warning(device)
+        hint = cpu_warning(device) if main else None  # only rank 0 speaks: the others skip the 0.2 s probe
         if hint:
             say(f"warning: {hint}")
         if main:
