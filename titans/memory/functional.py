@@ -7,7 +7,6 @@ eta (momentum decay), theta (inner learning rate), b (chunk size).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +73,13 @@ def silu_grad(x: Tensor, sig: Tensor) -> Tensor:
 
 def gelu_grad(z: Tensor) -> Tensor:
     """d/dz of the exact (erf) GELU: Phi(z) + z * phi(z)."""
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
+    return gelu_backward(z.new_ones(()).expand_as(z), z)
+
+
+def gelu_backward(dy: Tensor, z: Tensor) -> Tensor:
+    """dy * GELU'(z) for the exact (erf) GELU, in one fused kernel (PyTorch's own GELU backward);
+    written out as Phi(z) + z phi(z) in eager ops it took about six times as long on the CPU."""
+    return torch.ops.aten.gelu_backward(dy, z)
 
 
 def memory_apply(x: Tensor, weights: Weights, ln: tuple[Tensor, Tensor] | None) -> Tensor:
