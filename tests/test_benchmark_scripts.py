@@ -191,3 +191,33 @@ def test_wait_policy_workers_get_the_policy_and_threads_asked_for_and_the_table_
     seconds = {"unset": 3.0, "PASSIVE": 1.5, "1 thread": 1}
     row = {"T": 64, "threads": 2, "other_process": True, "seconds": seconds}
     assert "| 64 | 2 | one busy process | 3.000 | 1.500 | 2.00x | 1.000 |" in wait_policy.table([row])
+
+
+def test_memory_speed_counts_the_in_place_products_that_the_flop_counter_leaves_out():
+    import memory_speed
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, a, b = torch.zeros(3, 4, 6), torch.randn(3, 4, 5), torch.randn(3, 5, 6)
+    m, x, y = torch.zeros(4, 6), torch.randn(4, 5), torch.randn(5, 6)
+    want = 2 * 3 * 4 * 5 * 6 + 2 * 4 * 5 * 6
+    with FlopCounterMode(display=False) as plain:
+        c.clone().baddbmm_(a, b), m.clone().addmm_(x, y)
+    with FlopCounterMode(display=False, custom_mapping=memory_speed.IN_PLACE_PRODUCTS()) as counted:
+        c.clone().baddbmm_(a, b), m.clone().addmm_(x, y)
+    with FlopCounterMode(display=False) as functional:
+        torch.baddbmm(c, a, b), torch.addmm(m, x, y)
+    assert plain.get_total_flops() == 0  # what the counter alone misses
+    assert counted.get_total_flops() == functional.get_total_flops() == want
+
+
+def test_gemm_floor_replays_the_products_it_recorded_and_counts_their_flops():
+    import gemm_floor
+
+    counts = gemm_floor.record_products(128)
+    names = {name for name, _ in counts}
+    assert {"aten::bmm", "aten::baddbmm_"} <= names
+    assert gemm_floor.product_flops("aten::bmm", ((8, 64, 96), (8, 96, 384))) == 2 * 8 * 64 * 96 * 384
+    assert gemm_floor.product_flops("aten::addmm", ((6,), (4, 5), (5, 6))) == 2 * 4 * 5 * 6
+    times = gemm_floor.replay(counts, rounds=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
