@@ -285,3 +285,21 @@ def test_chunk_coefficients_backward_matches_autograd(exact_zeros):
     got = chunk_coefficients_backward(alpha, eta, theta, valid, *grads)
     for name, e, r in zip(("alpha", "eta", "theta"), expected, got):
         assert torch.allclose(r, e, rtol=1e-12, atol=1e-14), f"d {name}: max error {(r - e).abs().max():.2e}"
+
+
+def test_gelu_derivatives_match_autograd_of_the_exact_gelu():
+    """The hand-written backward's GELU derivatives (first: PyTorch's fused GELU backward; second:
+    phi(z) (2 - z^2), computed in place) against autograd of F.gelu, float64, tails included."""
+    from titans.memory.chunked import _gelu_second
+    from titans.memory.functional import gelu_backward, gelu_grad
+
+    z = torch.cat([torch.linspace(-12, 12, 241, dtype=torch.float64), torch.randn(500, dtype=torch.float64)])
+    z.requires_grad_(True)
+    (first,) = torch.autograd.grad(torch.nn.functional.gelu(z).sum(), z, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), z)
+    z, dy = z.detach(), torch.randn(z.shape, dtype=torch.float64)
+    assert torch.allclose(gelu_grad(z), first.detach(), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(gelu_backward(dy, z), dy * first.detach(), rtol=1e-12, atol=1e-15)
+    z_before = z.clone()
+    assert torch.allclose(_gelu_second(z), second, rtol=1e-12, atol=1e-15)
+    assert torch.equal(z, z_before)  # the in-place steps work on its own buffers, not on z
