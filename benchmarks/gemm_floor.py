@@ -26,15 +26,20 @@ from memory_speed import build, matmul_rate, step
 PRODUCTS = ("aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::addmm_")
 
 
-def record_products(T: int) -> Counter:
-    """(op name, input shapes) -> count, for the matrix products of one step at length T."""
+def warmed_up(T: int):
+    """(module, x): the benchmark's memory layer after one warm-up step, and an input of length T."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
     module = build("titans")
     step(module, torch.randn(2, 256, 384))
-    x = torch.randn(2, T, 384, requires_grad=True)
+    return module, torch.randn(2, T, 384, requires_grad=True)
+
+
+def record_products(module, x) -> Counter:
+    """(op name, input shapes) -> count, for the matrix products of one step of module on x."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step(module, x)
     counts: Counter = Counter()
@@ -90,12 +95,9 @@ def main() -> None:
     if args.T < 64 or args.steps < 1:
         p.error("--T must be at least 64 and --steps at least 1")
 
-    counts = record_products(args.T)
+    module, x = warmed_up(args.T)
+    counts = record_products(module, x)
     flops = sum(product_flops(name, shapes) * n for (name, shapes), n in counts.items())
-    torch.manual_seed(0)
-    module = build("titans")
-    step(module, torch.randn(2, 256, 384))
-    x = torch.randn(2, args.T, 384, requires_grad=True)
     step_times = []
     for _ in range(args.steps):
         module.zero_grad(set_to_none=True)

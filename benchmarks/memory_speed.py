@@ -74,7 +74,7 @@ def worker(impl: str, T: int, count_flops: bool) -> dict:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
     }
     if count_flops:
-        with FlopCounterMode(display=False, custom_mapping=IN_PLACE_PRODUCTS()) as counter:
+        with FlopCounterMode(display=False, custom_mapping=in_place_products()) as counter:
             step(module, x)
         counts = counter.get_flop_counts()["Global"]
         # the counter prices a depthwise convolution's backward as a dense one (groups ignored):
@@ -83,7 +83,7 @@ def worker(impl: str, T: int, count_flops: bool) -> dict:
     return result
 
 
-def IN_PLACE_PRODUCTS() -> dict:  # noqa: N802 (a constant, built on use: torch is imported late)
+def in_place_products() -> dict:
     """FLOP formulas for the in-place matrix products, which torch.utils.flop_counter leaves
     uncounted (it knows baddbmm and addmm, not baddbmm_ and addmm_); the memory's chunk step
     accumulates into its buffers with them."""
