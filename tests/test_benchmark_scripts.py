@@ -221,3 +221,23 @@ def test_gemm_floor_replays_the_products_it_recorded_and_counts_their_flops():
     assert gemm_floor.product_flops("aten::addmm", ((6,), (4, 5), (5, 6))) == 2 * 4 * 5 * 6
     times = gemm_floor.replay(counts, rounds=2)
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_subnormal_gates_sets_the_momentum_gate_and_restores_the_flush():
+    import subnormal_gates
+    import torch
+    from memory_speed import build
+
+    from titans.memory import chunked
+
+    module = subnormal_gates.with_eta(build("titans"), 0.2)
+    x = torch.randn(2, 64, 384)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x, module.gates.weight, module.gates.bias)
+        gates = logits.view(2, 64, len(module.gate_names), -1)  # (n h l) on the last dim, n outermost
+        eta = torch.sigmoid(gates[:, :, module.gate_names.index("eta")])
+    assert torch.allclose(eta, torch.full_like(eta, 0.2), atol=0.02)
+    flush = chunked._flush_subnormal
+    times = subnormal_gates.time_steps(module, x.requires_grad_(), "no flush", 2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert chunked._flush_subnormal is flush  # put back after the "no flush" steps

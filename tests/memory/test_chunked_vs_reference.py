@@ -303,3 +303,51 @@ def test_gelu_derivatives_match_autograd_of_the_exact_gelu():
     z_before = z.clone()
     assert torch.allclose(_gelu_second(z), second, rtol=1e-12, atol=1e-15)
     assert torch.equal(z, z_before)  # the in-place steps work on its own buffers, not on z
+
+
+def _small_momentum_inputs(dtype=torch.float64) -> MemInputs:
+    """make_inputs with every momentum gate in [0.05, 0.25] (products of a chunk's gates, 0.2^64 = 2e-45,
+    fall through float32's subnormal range), made in float64 and cast to dtype."""
+    inp = make_inputs(B=1, H=2, T=150, D=6, L=2, seed=7)
+    g = torch.Generator().manual_seed(8)
+    inp.eta = 0.05 + 0.2 * torch.rand(inp.eta.shape, generator=g, dtype=torch.float64)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return MemInputs(*(cast(getattr(inp, n)) for n in ("q", "k", "v", "alpha", "eta", "theta")),
+                     tuple(cast(w) for w in inp.weights), tuple(cast(t) for t in inp.ln))
+
+
+def test_tiny_chunk_coefficients_are_flushed_to_zero():
+    """Every chunk coefficient is 0 or at least sqrt(finfo.tiny): matrix products with subnormal
+    operands or results run several times slower on x86 CPUs (benchmarks/subnormal_gates.py)."""
+    import math
+
+    from titans.memory.chunked import _decay_matrix, chunk_coefficients
+
+    inp, b = _small_momentum_inputs(torch.float32), 64
+    chunks = lambda t: t[..., :2 * b].reshape(1, 2, 2, b).permute(2, 0, 1, 3).unsqueeze(3)  # noqa: E731 (N, B, H, 1, b)
+    alpha, eta, theta = (chunks(t) for t in (inp.alpha, inp.eta, inp.theta))
+    floor = math.sqrt(torch.finfo(torch.float32).tiny)
+    below = lambda t: ((t != 0) & (t.abs() < floor)).sum().item()  # noqa: E731
+    assert below(_decay_matrix(eta)) > 0  # the gates' products do reach the range
+    coefficients = chunk_coefficients(alpha, eta, theta, torch.ones(2, 1, 1, 1, b))
+    assert [below(t) for t in coefficients] == [0] * 5
+
+
+def test_flushed_coefficients_leave_float32_results_at_the_reference():
+    """With the flush, a float32 chunked run whose momentum gates are small still matches the float64
+    token loop (outputs, final weights, and the gradients of every input) to float32 rounding."""
+    ref, inp = _small_momentum_inputs().leaves(), _small_momentum_inputs(torch.float32).leaves()
+    y64, s64 = run("recurrent", ref, 64)
+    y32, s32 = run("chunked", inp, 64)
+    assert_rel_close(y32, y64, 1e-4, "y")
+    for w32, w64 in zip(s32.weights, s64.weights):
+        assert_rel_close(w32, w64, 1e-4, "final weights")
+
+    def loss(y, state):  # one random functional (float64 weights) of y and the final state
+        g = torch.Generator().manual_seed(3)
+        terms = [y, *(t for _, t in state_tensors(state))]
+        return sum((torch.randn(t.shape, generator=g, dtype=torch.float64) * t.double()).sum() for t in terms)
+
+    for (name, _), g32, g64 in zip(ref.tensors(), grads(loss(y32, s32), [t for _, t in inp.tensors()]),
+                                   grads(loss(y64, s64), [t for _, t in ref.tensors()])):
+        assert_rel_close(g32, g64, 1e-3, f"d {name}")

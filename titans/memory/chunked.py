@@ -145,7 +145,22 @@ def chunk_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor)
     m = (P @ E.unsqueeze(-1)).squeeze(-1)
     C = (P @ Q) * theta.unsqueeze(-2)
     cS = theta * Q[..., -1, :]
-    return a, m, C, cS, E[..., -1]
+    return tuple(_flush_subnormal(t) for t in (a, m, C, cS, E[..., -1]))
+
+
+def _flush_subnormal(t: Tensor) -> Tensor:
+    """t with its entries below sqrt(finfo.tiny) in magnitude (1.1e-19 in float32) set to 0.
+
+    Products of many small gates (eta^64 at eta = 0.2 is 2e-45) pass through the subnormal range,
+    and so do their products with the keys and errors in the chunk's matrix products; on x86 CPUs
+    a matrix product with subnormal operands or results runs several times slower (a memory step
+    whose momentum gates sat near 0.2 took twice as long: benchmarks/subnormal_gates.py). A
+    coefficient that is either 0 or at least sqrt(tiny) keeps every product with a normal number
+    of at least sqrt(tiny) normal. The dropped terms scale a state by less than 1.1e-19 (float32;
+    1.5e-154 in float64), far below the rounding of the state itself."""
+    floor = math.sqrt(torch.finfo(t.dtype).tiny)
+    tiny = (t.abs() < floor) & (t != 0)  # exact zeros pass through t (and autograd through it)
+    return torch.where(tiny, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
 def chunk_coefficients_backward(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor,
