@@ -6,3 +6,27 @@ from pathlib import Path
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["native", "eager"])
+def loops(request):
+    """Run a test with the memory's CPU chunk loops in C++ (titans.memory.native, the default) and
+    with the eager PyTorch loops; the native case is skipped only where no C++ compiler exists."""
+    import shutil
+
+    from titans.memory import native
+
+    if request.param == "native":
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            pytest.skip("no C++ compiler: the native chunk loops cannot be built here")
+        assert native.chunks_native(), f"the native chunk loops did not build: {native._STATE['error']}"
+        yield "native"
+        return
+    native.native_chunks(False)
+    try:
+        yield "eager"
+    finally:
+        native.native_chunks(True)

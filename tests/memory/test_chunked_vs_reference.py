@@ -60,7 +60,7 @@ def _compare(inp: MemInputs, chunk: int, prefix: int, seed: int, grad_clip=None,
 @pytest.mark.parametrize("per_layer", [False, True], ids=["shared", "per_layer"])
 @pytest.mark.parametrize("chunk", [1, 3, 16])
 @pytest.mark.parametrize("L", [1, 2, 3])
-def test_chunked_matches_reference(L, chunk, per_layer, with_state):
+def test_chunked_matches_reference(L, chunk, per_layer, with_state, loops):
     T = 37 if chunk == 16 else 22  # never a multiple of the chunk size
     seed = 100 * L + 10 * chunk + per_layer + with_state
     inp = make_inputs(2, 2, T, 4 if L == 3 else 5, L, per_layer=per_layer, seed=seed)
@@ -96,7 +96,7 @@ def test_grad_clip_larger_than_all_norms_is_identity():
 @pytest.mark.parametrize("per_layer", [False, True], ids=["shared", "per_layer"])
 @pytest.mark.parametrize("chunk", [1, 4])
 @pytest.mark.parametrize("L", [1, 2])
-def test_exact_zero_gates_stay_finite(L, chunk, per_layer, alpha_mode):
+def test_exact_zero_gates_stay_finite(L, chunk, per_layer, alpha_mode, loops):
     """eta = 0 everywhere, alpha with exact zeros (and ones: full wipe), theta with exact zeros:
     no NaN/Inf in outputs or gradients (the decay products must not go through log(0))."""
     seed = 31 + L + chunk + per_layer
@@ -141,7 +141,7 @@ def test_forgetting_towards_the_initial_weights_matches_reference(L, chunk, per_
 @pytest.mark.parametrize("with_state", [0, 5], ids=lambda p: f"prefix{p}")
 @pytest.mark.parametrize("chunk", [3, 16])
 @pytest.mark.parametrize("L", [1, 2, 3])
-def test_first_order_gradients_match_reference(L, chunk, with_state, forget_to, order):
+def test_first_order_gradients_match_reference(L, chunk, with_state, forget_to, order, loops):
     """first_order=True: the token loop takes each inner gradient at a detached copy of its chunk-start
     weights; the chunked backward drops the same path. second_order=0.5: the token loop takes it at
     G.detach() + 0.5 (G - G.detach()); the chunked backward halves the same path. Outputs are
@@ -333,7 +333,7 @@ def test_tiny_chunk_coefficients_are_flushed_to_zero():
     assert [below(t) for t in coefficients] == [0] * 5
 
 
-def test_flushed_coefficients_leave_float32_results_at_the_reference():
+def test_flushed_coefficients_leave_float32_results_at_the_reference(loops):
     """With the flush, a float32 chunked run whose momentum gates are small still matches the float64
     token loop (outputs, final weights, and the gradients of every input) to float32 rounding."""
     ref, inp = _small_momentum_inputs().leaves(), _small_momentum_inputs(torch.float32).leaves()

@@ -377,7 +377,7 @@ def _layer_reference(mem: NeuralMemory, x):
 
 @pytest.mark.parametrize("option", ["default", "no_conv", "per_layer_gates_depth3", "forget_to_init",
                                     "first_order", "second_order_half"])
-def test_layer_matches_plain_ops_and_the_token_loop(option, monkeypatch):
+def test_layer_matches_plain_ops_and_the_token_loop(option, monkeypatch, loops):
     """The whole layer, output and every parameter's gradient, against `_layer_reference` in float64
     (T = 11: chunks and blocks end mid-sequence; the projection + conv and the gated output run in
     blocks of 4)."""

@@ -56,7 +56,7 @@ def chain(fns, inp, chunk, cuts, grad_clip=None):
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 @pytest.mark.parametrize("L", [1, 2])
 @pytest.mark.parametrize("fn", sorted(FUNCS))
-def test_chained_states_equal_one_call(fn, L, chunk):
+def test_chained_states_equal_one_call(fn, L, chunk, loops):
     T = 23
     inp = make_inputs(2, 2, T, 5, L, per_layer=L == 2 and chunk == 3, seed=40 + 3 * L + chunk)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_states_are_interchangeable_between_functions(chunk):
 @pytest.mark.parametrize("grad_clip", [None, 0.1])
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 @pytest.mark.parametrize("fn", sorted(FUNCS))
-def test_chained_gradients_equal_one_call(fn, chunk, grad_clip):
+def test_chained_gradients_equal_one_call(fn, chunk, grad_clip, loops):
     """Backward through the carried states (including the open chunk's gradient base)."""
     T = 17
     inp = make_inputs(2, 2, T, 4, 2, seed=60 + chunk).leaves()
@@ -137,7 +137,7 @@ def test_layer_streaming(option):
 
 
 @pytest.mark.parametrize("option", ["default", "chunk_gates", "grad_clip", "forget_to_init"])
-def test_layer_streaming_gradients(option):
+def test_layer_streaming_gradients(option, loops):
     """Parameter gradients through a chained state equal those of one call."""
     T = 14
     mod = make_layer(seed=3, **LAYER_OPTIONS[option])

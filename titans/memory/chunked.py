@@ -673,6 +673,11 @@ def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, 
     if norm_qk:
         q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
+    ext = _native_loops(q, clip, W0)
+    if ext is not None:  # the same loop in C++, one memory per thread (native.py)
+        states = ext.forward_stretch(list(G), list(WS), q, k, v, a, m, C, cS, e, gamma, beta,
+                                     y if read else None)
+        return (y if out else None), tuple(states[:L]), tuple(states[L:])
     G_last = G
     for n in range(q.shape[0]):
         G_last = G
@@ -705,6 +710,16 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
     coef = chunk_coefficients(alpha, eta, theta, valid)
     a, m, C, cS, e = coef
     d_coef = [torch.empty_like(c) for c in coef]
+    ext = _native_loops(q, clip, W0)
+    if ext is not None:  # the same loops in C++, one memory per thread (native.py)
+        dg, db, *dWS = ext.backward_stretch(list(G), list(WS), q, k, v, a, m, C, cS, e, gamma, beta,
+                                            dy.contiguous() if read else None, [d.contiguous() for d in dWS],
+                                            [] if dG_last is None else list(dG_last), first, so_scale,
+                                            d_chunk[:3], d_coef)
+        d_gamma, d_beta = (None, None) if dg is None else (dg.sum(0), db.sum(0))
+        dW0 = []
+        return _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm_qk, q_in, k_in,
+                                            out, d_gamma, d_beta, dWS, dW0)
     base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
     # the start states of the stretch's chunks, and their inner gradients (kept for the walk back,
     # which would otherwise compute them a second time; the last chunk's are computed there)
@@ -742,12 +757,29 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
         else:
             dG = [torch.zeros_like(g) for g in base(n, WS)] if dG is None else dG
             dWS = [*dG, *dWS]
+    return _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm_qk, q_in, k_in, out,
+                                        d_gamma, d_beta, dWS, dW0)
+
+
+def _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm_qk, q_in, k_in, out, d_gamma,
+                                 d_beta, dWS, dW0):
+    """The end of a backward stretch: the coefficients' gradients taken back to the gates, and those
+    of the normalised q, k to q, k as given; then `_backward_stretch`'s results."""
     for acc, g in zip(d_chunk[3:], chunk_coefficients_backward(alpha, eta, theta, valid, *d_coef)):
         acc.copy_(g)
     if norm_qk:  # d of the normalised q, k -> d of q, k as given
         for acc, x in zip(d_chunk[:2], (q_in, k_in)):
             acc.copy_(_l2_normalize_backward(x, acc))
     return (d_chunk if out else None), d_gamma, d_beta, tuple(dWS), tuple(dW0)
+
+
+def _native_loops(q: Tensor, clip, W0):
+    """The C++ chunk loops (native.py) when they cover this stretch and the step is the eager one."""
+    if _STEP["forward"] is not _chunk_forward:
+        return None
+    from . import native
+
+    return native.for_stretch(q, clip, W0)
 
 
 # ---------------------------------------------------------------------------- CUDA graphs

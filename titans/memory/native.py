@@ -1,0 +1,67 @@
+"""The memory's chunk loops in C++ on the CPU (`csrc/chunk_loops.cpp`), built on first use.
+
+Eager PyTorch runs each of the chunk step's several hundred small operations over all B x H memories
+at once, split across the threads, with a Python call and a thread barrier each time; on a CPU with
+few cores that overhead, not the matrix products, set the step's time. The C++ loops give each
+(batch, head) memory to one thread for a whole stretch of chunks, on 2-D tensors that stay in cache,
+with no Python in between. Same equations as `chunked._forward_stretch` / `_backward_stretch`, whose
+eager code stays the reference for them (tests compare both with the token loop in float64) and
+runs what the C++ does not cover: CUDA tensors, the inner-gradient clamp, forgetting towards the
+initial weights, a compiled or graphed chunk step.
+
+The extension is compiled once per machine and PyTorch version with torch.utils.cpp_extension (about
+a minute; cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a C++
+compiler, or with TITANS_NATIVE=0 in the environment, the eager loops run instead (the first failure
+is reported once as a warning).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "chunk_loops.cpp"
+_STATE: dict = {"enabled": os.environ.get("TITANS_NATIVE", "1") != "0", "module": None, "error": None}
+
+
+def native_chunks(enabled: bool = True) -> None:
+    """Run the memory's CPU chunk loops in C++ (the default, when it builds) or, with False, as eager
+    PyTorch. Process-wide; results agree to rounding."""
+    _STATE["enabled"] = bool(enabled)
+
+
+def chunks_native() -> bool:
+    """Whether CPU chunk loops run in C++: enabled and built (this builds it if needed)."""
+    return _STATE["enabled"] and module() is not None
+
+
+def module():
+    """The compiled extension, or None (disabled, or the build failed: warned once)."""
+    if not _STATE["enabled"]:
+        return None
+    if _STATE["module"] is None and _STATE["error"] is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            # -fopenmp: at::parallel_for is a header template; without it the memories run one by one
+            _STATE["module"] = load(name="titans_chunk_loops", sources=[str(SOURCE)], verbose=False,
+                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as err:  # noqa: BLE001 -- any build failure falls back to the eager loops
+            _STATE["error"] = err
+            warnings.warn(f"titans: the C++ chunk loops did not build ({type(err).__name__}: "
+                          f"...{str(err).strip()[-800:]}); the memory runs its eager PyTorch loops instead "
+                          "(same results, slower on the CPU). Set TITANS_NATIVE=0 to skip the build.",
+                          RuntimeWarning, stacklevel=3)
+    return _STATE["module"]
+
+
+def for_stretch(q: torch.Tensor, clip, W0) -> object | None:
+    """The extension when it can run this stretch (CPU float32/float64 tensors, no clamp, no W0 anchor,
+    the eager step), else None."""
+    if (q.device.type != "cpu" or clip is not None or W0 or q.dtype not in (torch.float32, torch.float64)
+            or torch.compiler.is_compiling()):
+        return None
+    return module()
