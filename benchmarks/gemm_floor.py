@@ -37,11 +37,20 @@ def warmed_up(T: int):
 
 
 def record_products(module, x) -> Counter:
-    """(op name, input shapes) -> count, for the matrix products of one step of module on x."""
+    """(op name, input shapes) -> count, for the matrix products of one step of module on x, with the
+    eager chunk loops (batched products; the C++ loops run the same products per memory, mostly on
+    worker threads, which the profiler does not record)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        step(module, x)
+    from titans.memory import chunks_native, native_chunks
+
+    was_native = chunks_native()
+    native_chunks(False)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step(module, x)
+    finally:
+        native_chunks(was_native)
     counts: Counter = Counter()
     for e in prof.events():
         parent = e.cpu_parent
@@ -98,15 +107,21 @@ def main() -> None:
     module, x = warmed_up(args.T)
     counts = record_products(module, x)
     flops = sum(product_flops(name, shapes) * n for (name, shapes), n in counts.items())
-    step_times = []
-    for _ in range(args.steps):
-        module.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        step(module, x)
-        step_times.append(time.perf_counter() - t0)
+    from titans.memory import native_chunks
+
+    step_times, eager_times = [], []
+    for _ in range(args.steps):  # the default (C++ loops on the CPU) and the eager loops, alternating
+        for native, times in ((True, step_times), (False, eager_times)):
+            native_chunks(native)
+            module.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step(module, x)
+            times.append(time.perf_counter() - t0)
+    native_chunks(True)
     product_times = replay(counts)
     rate = matmul_rate()
     t_step, t_prod = statistics.median(step_times), statistics.median(product_times)
+    t_eager = statistics.median(eager_times)
     result = {
         "T": args.T,
         "threads": torch.get_num_threads(),
@@ -114,6 +129,7 @@ def main() -> None:
         "distinct_shapes": len(counts),
         "gflop": flops / 1e9,
         "step_seconds": step_times,
+        "eager_step_seconds": eager_times,
         "products_seconds": product_times,
         "matmul_gflops": rate,
     }
@@ -125,11 +141,13 @@ def main() -> None:
         "|---|---:|---:|---:|",
         f"| the whole step (median of {args.steps}) | {t_step:.3f} | {flops / t_step / 1e9:.0f} "
         f"| {flops / t_step / 1e9 / rate:.0%} |",
+        f"| the whole step, eager chunk loops (median of {args.steps}) | {t_eager:.3f} "
+        f"| {flops / t_eager / 1e9:.0f} | {flops / t_eager / 1e9 / rate:.0%} |",
         f"| its matrix products alone (median of 3 replays) | {t_prod:.3f} | {flops / t_prod / 1e9:.0f} "
         f"| {flops / t_prod / 1e9 / rate:.0%} |",
         f"| plain 2048 x 2048 fp32 matmul | | {rate:.0f} | 100% |",
         "",
-        f"products alone / whole step: {t_prod / t_step:.0%}",
+        f"products alone / whole step: {t_prod / t_step:.0%} (eager chunk loops: {t_prod / t_eager:.0%})",
     ]
     print("\n".join(lines))
     if args.out:

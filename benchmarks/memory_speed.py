@@ -11,6 +11,11 @@ in the same run.
     python benchmarks/memory_speed.py --impls titans   # ours only
     python benchmarks/memory_speed.py --impls titans,titans-compiled,titans-pytorch \
         --out benchmarks/results/memory_speed_compiled   # also with the compiled chunk step
+    python benchmarks/memory_speed.py --impls titans,titans-eager,titans-pytorch   # and the eager loops
+
+"titans" is the layer as it runs by default: on the CPU its chunk loops are C++ (titans/memory/native.py);
+"titans-eager" runs them as eager PyTorch. The FLOP count runs the eager loops under either (a dispatch
+mode does not reach the C++ loops' worker threads); both do the same products.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ DIM, HEADS, DEPTH, EXPANSION, CHUNK, BATCH = 384, 4, 2, 4, 64, 2
 
 
 def build(impl: str):
-    if impl in ("titans", "titans-compiled"):
+    if impl in ("titans", "titans-compiled", "titans-eager"):
         from titans.memory import NeuralMemory
 
         return NeuralMemory(DIM, HEADS, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
@@ -57,6 +62,10 @@ def worker(impl: str, T: int, count_flops: bool) -> dict:
 
     torch.manual_seed(0)
     module = build(impl)
+    if impl == "titans-eager":  # the chunk loops as eager PyTorch, not the default C++ ones on the CPU
+        from titans.memory import native_chunks
+
+        native_chunks(False)
     if impl == "titans-compiled":  # the chunk step through torch.compile; its shapes do not depend on T,
         from titans.memory import compile_chunks  # so the warm-up below compiles it once
 

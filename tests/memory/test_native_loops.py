@@ -78,3 +78,15 @@ def test_titans_native_0_in_the_environment_turns_the_native_loops_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "TITANS_NATIVE": "0"})
     assert out.stdout.strip() == "False"
+
+
+def test_a_dispatch_mode_sees_the_eager_loops(calls):
+    """FlopCounterMode (the benchmark's FLOP count) would miss the products the C++ loops run on
+    worker threads: under any Python dispatch mode the eager loops run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inp = make_inputs(2, 2, 16, 5, 2, seed=4).leaves()
+    with FlopCounterMode(display=False) as counter:
+        y, _ = run("chunked", inp, 4)
+        y.square().sum().backward()
+    assert calls == {"forward": 0, "backward": 0} and counter.get_total_flops() > 0

@@ -675,7 +675,7 @@ def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, 
     a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
     ext = _native_loops(q, clip, W0)
     if ext is not None:  # the same loop in C++, one memory per thread (native.py)
-        states = ext.forward_stretch(list(G), list(WS), q, k, v, a, m, C, cS, e, gamma, beta,
+        states = ext.forward_stretch(list(G), list(WS), *_dense(q, k, v, a, m, C, cS, e), gamma, beta,
                                      y if read else None)
         return (y if out else None), tuple(states[:L]), tuple(states[L:])
     G_last = G
@@ -712,7 +712,7 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
     d_coef = [torch.empty_like(c) for c in coef]
     ext = _native_loops(q, clip, W0)
     if ext is not None:  # the same loops in C++, one memory per thread (native.py)
-        dg, db, *dWS = ext.backward_stretch(list(G), list(WS), q, k, v, a, m, C, cS, e, gamma, beta,
+        dg, db, *dWS = ext.backward_stretch(list(G), list(WS), *_dense(q, k, v, a, m, C, cS, e), gamma, beta,
                                             dy.contiguous() if read else None, [d.contiguous() for d in dWS],
                                             [] if dG_last is None else list(dG_last), first, so_scale,
                                             d_chunk[:3], d_coef)
@@ -771,6 +771,11 @@ def _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm
         for acc, x in zip(d_chunk[:2], (q_in, k_in)):
             acc.copy_(_l2_normalize_backward(x, acc))
     return (d_chunk if out else None), d_gamma, d_beta, tuple(dWS), tuple(dW0)
+
+
+def _dense(*ts: Tensor) -> list[Tensor]:
+    """The tensors as the C++ loops read them: contiguous (e = E[..., -1] is a strided view)."""
+    return [t.contiguous() for t in ts]
 
 
 def _native_loops(q: Tensor, clip, W0):

@@ -17,6 +17,7 @@ is reported once as a warning).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -47,7 +48,9 @@ def module():
             from torch.utils.cpp_extension import load
 
             # -fopenmp: at::parallel_for is a header template; without it the memories run one by one
-            _STATE["module"] = load(name="titans_chunk_loops", sources=[str(SOURCE)], verbose=False,
+            # named by the source's hash: other versions (a git worktree, an A/B run) keep their own builds
+            digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]
+            _STATE["module"] = load(name=f"titans_chunk_loops_{digest}", sources=[str(SOURCE)], verbose=False,
                                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as err:  # noqa: BLE001 -- any build failure falls back to the eager loops
             _STATE["error"] = err
@@ -60,8 +63,12 @@ def module():
 
 def for_stretch(q: torch.Tensor, clip, W0) -> object | None:
     """The extension when it can run this stretch (CPU float32/float64 tensors, no clamp, no W0 anchor,
-    the eager step), else None."""
+    no tracing), else None. Under a Python dispatch mode (FlopCounterMode, fake tensors) the eager loops
+    run, so that the mode sees every operation: the C++ loops run most of theirs on worker threads,
+    which a mode does not reach."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     if (q.device.type != "cpu" or clip is not None or W0 or q.dtype not in (torch.float32, torch.float64)
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None):
         return None
     return module()

@@ -102,8 +102,10 @@ void layer_norm_rows(const T* h, T* n, T* r, int64_t rows, int64_t D) {
   for (int64_t i = 0; i < rows; ++i) {
     const T* x = h + i * D;
     T mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
     for (int64_t j = 0; j < D; ++j) mean += x[j];
     mean /= T(D);
+#pragma omp simd reduction(+ : var)
     for (int64_t j = 0; j < D; ++j) var += (x[j] - mean) * (x[j] - mean);
     const T rs = T(1) / std::sqrt(var / T(D) + T(kLnEps));
     r[i] = rs;
@@ -144,6 +146,7 @@ Cache inner_gradients(const TensorList& G, const Chunk& ch, const Tensor& gamma,
     layer_norm_rows<T>(ptr<T>(h), n, r, b, D);
     for (int64_t i = 0; i < b; ++i) {
       T mg = 0, mgn = 0;
+#pragma omp simd reduction(+ : mg, mgn)
       for (int64_t j = 0; j < D; ++j) {
         const int64_t o = i * D + j;
         err[o] = k[o] + gm[j] * n[o] + bt[j] - v[o];
@@ -364,6 +367,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
     Tensor d_state = at::empty_like(WS[i]);
     T *dWn = ptr<T>(d_state), *dSn = dWn + half;
     T dot_a = 0, dot_m = 0, dot_e = 0;
+#pragma omp simd reduction(+ : dot_a, dot_m, dot_e)
     for (int64_t o = 0; o < half; ++o) {
       dWn[o] = a_end * dWe[o];
       dSn[o] = e_j * dSe[o] + m_end * dWe[o];
@@ -376,6 +380,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
     T *dX = ptr<T>(dxs[i]), *dCl = dC + (j * b + b - 1) * b, *dcs = dcS + j * b;
     for (int64_t r = 0; r < b; ++r) {
       T sw = 0, ss = 0;
+#pragma omp simd reduction(+ : sw, ss)
       for (int64_t col = 0; col < D; ++col) {
         const T w = -Xc[r * 2 * D + col], sv = -Xc[r * 2 * D + D + col], x = X[r * D + col];
         dX[r * D + col] += Cl[r] * w + cS[r] * sv;
@@ -397,6 +402,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
       T* Dp = ptr<T>(dp);
       for (int64_t r = 0; r < b; ++r) {
         T mdn = 0, mdnn = 0;
+#pragma omp simd reduction(+ : mdn, mdnn)
         for (int64_t col = 0; col < D0; ++col) {
           const int64_t o = r * D0 + col;
           dgm[col] += Dy[o] * nq[o], dbt[col] += Dy[o], dq[o] += Dy[o];
@@ -420,6 +426,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
       T* Du = ptr<T>(du);
       for (int64_t r = 0; r < b; ++r) {
         T sa = 0, sm = 0;
+#pragma omp simd reduction(+ : sa, sm)
         for (int64_t col = 0; col < D; ++col) {
           const T ga = Da[r * 2 * D + col], gmm = Da[r * 2 * D + D + col];
           Du[r * D + col] = a[r] * ga + m[r] * gmm;
@@ -477,6 +484,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
       const int64_t o0 = row * D0;
       const T rr = r[row];
       T dr = 0, mdJ = 0, dJn = 0, mgnn = 0;
+#pragma omp simd reduction(+ : dr, mdJ, dJn, mgnn)
       for (int64_t col = 0; col < D0; ++col) {
         const int64_t o = o0 + col;
         dr += g[o] * J[o];
@@ -485,6 +493,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
       }
       mdJ /= T(D0), dJn /= T(D0), mgnn /= T(D0);
       T mdn = 0, mdnn = 0;
+#pragma omp simd reduction(+ : mdn, mdnn)
       for (int64_t col = 0; col < D0; ++col) {
         const int64_t o = o0 + col;
         const T dJ = rr * g[o];
