@@ -9,20 +9,17 @@ if _HERE not in sys.path:
 
 
 import pytest  # noqa: E402
+from memory_testlib import require_native  # noqa: E402
 
 
 @pytest.fixture(params=["native", "eager"])
 def loops(request):
     """Run a test with the memory's CPU chunk loops in C++ (titans.memory.native, the default) and
     with the eager PyTorch loops; the native case is skipped only where no C++ compiler exists."""
-    import shutil
-
     from titans.memory import native
 
     if request.param == "native":
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip("no C++ compiler: the native chunk loops cannot be built here")
-        assert native.chunks_native(), f"the native chunk loops did not build: {native._STATE['error']}"
+        require_native()
         yield "native"
         return
     native.native_chunks(False)

@@ -171,3 +171,16 @@ def make_layer(seed: int = 0, dim: int = 8, heads: int = 2, chunk_size: int = 4,
     torch.manual_seed(seed)
     opts.setdefault("expansion", 2)
     return NeuralMemory(dim, heads, chunk_size=chunk_size, **opts).to(dtype)
+
+
+def require_native() -> None:
+    """Skip where no C++ compiler exists; elsewhere the native chunk loops must have built."""
+    import shutil
+
+    import pytest
+
+    from titans.memory import native
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native chunk loops cannot be built here")
+    assert native.chunks_native(), f"the native chunk loops did not build: {native._STATE['error']}"

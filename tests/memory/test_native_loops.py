@@ -10,16 +10,15 @@ import warnings
 
 import pytest
 import torch
-from memory_testlib import make_inputs, run
+from memory_testlib import make_inputs, require_native, run
 
 from titans.memory import chunked, native
 
 
 @pytest.fixture
-def calls(monkeypatch, loops):
+def calls(monkeypatch):
     """Counts of the extension's two entry points, with the real extension behind them."""
-    if loops != "native":
-        pytest.skip("counts the native entry points")
+    require_native()
     ext, counts = native.module(), {"forward": 0, "backward": 0}
 
     class Spy:
