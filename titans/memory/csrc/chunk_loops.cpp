@@ -42,10 +42,13 @@ struct GeluParts {
 
 template <typename T>
 GeluParts gelu_parts(const Tensor& z) {
-  Tensor Phi = at::erf(z * M_SQRT1_2);
-  Tensor phi = at::exp(z.square().mul_(-0.5));
+  Tensor Phi = at::empty_like(z), phi = at::empty_like(z);
   const int64_t N = z.numel();
+  const T* Z = ptr<T>(z);
   T *P = ptr<T>(Phi), *p = ptr<T>(phi);
+  for (int64_t i = 0; i < N; ++i) P[i] = Z[i] * T(M_SQRT1_2), p[i] = T(-0.5) * Z[i] * Z[i];
+  at::erf_(Phi);
+  at::exp_(phi);
   for (int64_t i = 0; i < N; ++i) P[i] = T(0.5) * (T(1) + P[i]), p[i] *= T(kInvSqrt2Pi);
   return {Phi, phi};
 }
@@ -334,24 +337,23 @@ std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tenso
   return WS_end;
 }
 
-struct ChunkGrads {
-  TensorList dG, dWS;  // dG empty when not wanted
-};
-
 // chunked._chunk_backward for one memory (no clamp, no W0). Accumulates d q, k, v and the
 // coefficients' gradients into the slices of `d` (zeroed by the caller), d gamma and d beta into
-// theirs.
+// theirs; writes the gradient of the chunk's start [W; S] into dWS (buffers not aliasing dWS_end).
+// The gradient of the chunk's base G, times dG_scale (0: not computed), is added into dG_into, or,
+// when that is empty, into dWS's W part (the base is then the previous chunk's end W).
 template <typename T>
-ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk& ch, const Tensor& gamma,
-                          const Tensor& beta, int64_t Lg, const Tensor& dy, const TensorList& dWS_end,
-                          bool want_dG, Cache c, const Chunk& d, const Tensor& dgamma, const Tensor& dbeta) {
+void chunk_backward(const TensorList& G, const TensorList& WS, const Chunk& ch, const Tensor& gamma,
+                    const Tensor& beta, int64_t Lg, const Tensor& dy, const TensorList& dWS_end, double dG_scale,
+                    Cache c, const Chunk& d, const Tensor& dgamma, const Tensor& dbeta, const TensorList& dWS,
+                    const TensorList& dG_into) {
   const auto L = static_cast<int64_t>(G.size());
   const int64_t b = ch.q.size(0), D0 = ch.q.size(1);
   const bool with_read = dy.defined();
   written_keys<T>(c, ch, Lg);
   if (with_read) read<T>(c, WS, ch, gamma, beta, Lg, true, Tensor());
   const TensorList& xs = c.xs;
-  TensorList dxs, ddt, dWS;
+  TensorList dxs, ddt;
   for (int64_t i = 0; i < L; ++i) dxs.push_back(at::zeros_like(xs[i])), ddt.push_back(at::zeros_like(c.deltas[i]));
   T *da = ptr<T>(d.a), *dm = ptr<T>(d.m), *dC = ptr<T>(d.C), *dcS = ptr<T>(d.cS), *de = ptr<T>(d.e);
   T *dq = ptr<T>(d.q), *dk = ptr<T>(d.k), *dv = ptr<T>(d.v);
@@ -364,8 +366,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
     const T a_end = ptr<T>(ch.a)[j * b + b - 1], m_end = ptr<T>(ch.m)[j * b + b - 1];
     const T e_j = ch.e[j].item<T>();
     const T *dWe = ptr<T>(dWS_end[i]), *dSe = dWe + half, *W = ptr<T>(WS[i]), *S = W + half;
-    Tensor d_state = at::empty_like(WS[i]);
-    T *dWn = ptr<T>(d_state), *dSn = dWn + half;
+    T *dWn = ptr<T>(dWS[i]), *dSn = dWn + half;
     T dot_a = 0, dot_m = 0, dot_e = 0;
 #pragma omp simd reduction(+ : dot_a, dot_m, dot_e)
     for (int64_t o = 0; o < half; ++o) {
@@ -374,7 +375,6 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
       dot_a += dWe[o] * W[o], dot_m += dWe[o] * S[o], dot_e += dSe[o] * S[o];
     }
     da[j * b + b - 1] += dot_a, dm[j * b + b - 1] += dot_m, de[j] += dot_e;
-    dWS.push_back(d_state);
     Tensor dxc = at::mm(c.deltas[i], dWS_end[i].t());  // (b, 2 D); the gradient of xc is -dxc
     const T *X = ptr<T>(xs[i]), *Xc = ptr<T>(dxc), *Cl = ptr<T>(ch.C) + (j * b + b - 1) * b, *cS = ptr<T>(ch.cS) + j * b;
     T *dX = ptr<T>(dxs[i]), *dCl = dC + (j * b + b - 1) * b, *dcs = dcS + j * b;
@@ -452,12 +452,11 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
   }
 
   // delta chain: delta_l = (delta_{l+1} G_{l+1}^T) * gelu'(z_l)
-  TensorList dG(want_dG ? L : 0), dzs(L);
-  auto accumulate = [](Tensor& acc, const Tensor& x, const Tensor& y) {
-    if (acc.defined())
-      acc.addmm_(x, y);
-    else
-      acc = at::mm(x, y);
+  TensorList dzs(L);
+  auto add_dG = [&](int64_t i, const Tensor& x, const Tensor& y) {  // dG_i += dG_scale x y
+    if (dG_scale == 0.0) return;
+    Tensor into = dG_into.empty() ? dWS[i].narrow(0, 0, G[i].size(0)) : dG_into[i];
+    into.addmm_(x, y, 1, dG_scale);
   };
   for (int64_t i = 0; i < L - 1; ++i) {
     Tensor dt_i = at::empty_like(ddt[i]);
@@ -467,7 +466,7 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
     T *dt = ptr<T>(dt_i), *dz = ptr<T>(dzs[i]);
     for (int64_t o = 0; o < N; ++o) dt[o] = g[o] * gp[o], dz[o] = g[o] * t[o] * ph[o] * (T(2) - z[o] * z[o]);
     ddt[i + 1].addmm_(dt_i, G[i + 1]);
-    if (want_dG) accumulate(dG[i + 1], dt_i.t(), c.deltas[i + 1]);
+    add_dG(i + 1, dt_i.t(), c.deltas[i + 1]);
   }
   const Tensor& dd = ddt[L - 1];
   if (L == 1) {  // delta = z - v
@@ -517,12 +516,11 @@ ChunkGrads chunk_backward(const TensorList& G, const TensorList& WS, const Chunk
   for (int64_t i = L - 1; i >= 0; --i) {
     Tensor dz = dzs[i];
     if (i < L - 1) dz.addcmul_(dxs[i + 1], c.gps[i]);
-    if (want_dG) accumulate(dG[i], xs[i].t(), dz);
+    add_dG(i, xs[i].t(), dz);
     dxs[i].addmm_(dz, G[i].t());
   }
   const T* dx0 = ptr<T>(dxs[0]);
   for (int64_t o = 0; o < b * D0; ++o) dk[o] += dx0[o];
-  return {std::move(dG), std::move(dWS)};
 }
 
 // chunked._backward_stretch's loops (the coefficients and the L2 normalisation stay in Python):
@@ -543,7 +541,6 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
   for (const auto& t : d_coef) TORCH_CHECK(t.is_contiguous(), "chunk loops: gradient buffers must be contiguous");
   for (const auto& t : dWS) TORCH_CHECK(t.is_contiguous(), "chunk loops: dWS must be contiguous");
   TORCH_CHECK(!dy || dy->is_contiguous(), "chunk loops: dy must be contiguous");
-  const bool want_dG = so_scale != 0.0;
   for (auto& t : dqkv) t.zero_();
   for (auto& t : d_coef) t.zero_();
   Tensor dgamma, dbeta;
@@ -563,20 +560,28 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
       const Tensor dbeta_p = dbeta.defined() ? dbeta[bi][hi] : Tensor();
       const TensorList G0 = pair_views(s.G, bi, hi);
       auto base = [&](int64_t c, const TensorList& ws) { return c == 0 ? G0 : w_part(ws); };
-      // start states of the chunks and their inner gradients, kept for the walk back
+      // start states of the chunks (in one block per layer) and their inner gradients, kept for the walk back
       std::vector<TensorList> starts{pair_views(s.WS, bi, hi)};
+      TensorList blocks;
+      for (const auto& ws : starts[0])
+        blocks.push_back(at::empty({std::max<int64_t>(s.n - 1, 1), ws.size(0), ws.size(1)}, ws.options()));
       std::vector<std::optional<Cache>> caches;
       for (int64_t c = 0; c + 1 < s.n; ++c) {
         const Chunk ch = s.chunk(c, bi, hi);
         Cache cache = inner_gradients<scalar_t>(base(c, starts.back()), ch, gamma_h, beta_h);
         written_keys<scalar_t>(cache, ch, s.Lg);
-        TensorList out = empty_like_all(starts.back());
+        TensorList out;
+        for (const auto& blk : blocks) out.push_back(blk[c]);
         update<scalar_t>(cache, starts.back(), ch, s.Lg, out);
         starts.push_back(std::move(out));
         caches.emplace_back(std::move(cache));
       }
       caches.emplace_back(std::nullopt);
+      // d of the start states alternate between two buffers; chunk 0's lands in dWS_start
+      const TensorList start_views = pair_views(dWS_start, bi, hi);
+      const TensorList bufs[2] = {start_views, empty_like_all(start_views)};
       TensorList dws = pair_views(dWS, bi, hi);
+      const TensorList dG0_p = first ? pair_views(dG0, bi, hi) : TensorList();
       for (int64_t c = s.n - 1; c >= 0; --c) {
         const Chunk ch = s.chunk(c, bi, hi);
         const TensorList Gc = base(c, starts[c]);
@@ -584,27 +589,18 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
         caches[c].reset();
         const Chunk d{dqkv[0][c][bi][hi], dqkv[1][c][bi][hi], dqkv[2][c][bi][hi], d_coef[0][c][bi][hi],
                       d_coef[1][c][bi][hi], d_coef[2][c][bi][hi], d_coef[3][c][bi][hi], d_coef[4][c][bi][hi]};
-        ChunkGrads g = chunk_backward<scalar_t>(Gc, starts[c], ch, gamma_h, beta_h, s.Lg,
-                                                dy ? (*dy)[c][bi][hi] : Tensor(), dws, want_dG, std::move(cache), d,
-                                                dgamma_p, dbeta_p);
-        starts[c].clear();
-        if (want_dG && so_scale != 1.0)
-          for (auto& t : g.dG) t.mul_(so_scale);
-        if (c == s.n - 1 && !dG_last.empty()) {  // gradient into the open chunk's base
+        // this chunk's base is the previous chunk's end W, except the stream's first chunk's (dG0)
+        const TensorList& dG_into = (c == 0 && first) ? dG0_p : TensorList();
+        const TensorList& out = bufs[c % 2];
+        chunk_backward<scalar_t>(Gc, starts[c], ch, gamma_h, beta_h, s.Lg, dy ? (*dy)[c][bi][hi] : Tensor(), dws,
+                                 so_scale, std::move(cache), d, dgamma_p, dbeta_p, out, dG_into);
+        if (c == s.n - 1 && !dG_last.empty()) {  // gradient into the open chunk's base (not scaled)
           const TensorList last = pair_views(dG_last, bi, hi);
-          if (g.dG.empty())
-            for (const auto& t : last) g.dG.push_back(t.clone());
-          else
-            for (int64_t i = 0; i < s.L; ++i) g.dG[i].add_(last[i]);
+          for (int64_t i = 0; i < s.L; ++i)
+            (dG_into.empty() ? out[i].narrow(0, 0, last[i].size(0)) : dG_into[i]).add_(last[i]);
         }
-        if (c > 0 || !first) {  // this chunk's base is the previous chunk's end W
-          for (size_t i = 0; i < g.dG.size(); ++i) g.dWS[i].narrow(0, 0, g.dG[i].size(0)).add_(g.dG[i]);
-        } else {
-          for (size_t i = 0; i < g.dG.size(); ++i) dG0[i][bi][hi].copy_(g.dG[i]);
-        }
-        dws = std::move(g.dWS);
+        dws = out;
       }
-      for (int64_t i = 0; i < s.L; ++i) dWS_start[i][bi][hi].copy_(dws[i]);
     });
   });
   std::vector<Tensor> out{dgamma, dbeta};
