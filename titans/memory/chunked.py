@@ -601,23 +601,18 @@ class _MemoryChunks(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         y = torch.empty_like(q) if read else q.new_empty(0)
         saved = [ws.new_empty(math.ceil(N / K), *ws.shape) for ws in WS] if keep else None
-        ext = _native_loops(q, clip, W0)
-        if ext is not None:  # the C++ loops, one memory per thread (native.py)
-            WS, G_last = _native_forward(ext, L, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, valid,
-                                         gamma, beta, y, saved)
-        else:
-            for n0 in range(0, N, K):
-                n1 = min(n0 + K, N)
-                if keep:
-                    for buf, ws in zip(saved, WS):
-                        buf[n0 // K].copy_(ws)
-                chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
-                args = (G, WS, *chunk, gamma, beta, W0)
-                y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read, norm_qk), args,
-                                               y[n0:n1] if read else None)
-                if y_n is not None:  # a graph's output: copied into place
-                    y[n0:n1] = y_n
-                G = _base(WS, W0)
+        for n0 in range(0, N, K):
+            n1 = min(n0 + K, N)
+            if keep:
+                for buf, ws in zip(saved, WS):
+                    buf[n0 // K].copy_(ws)
+            chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
+            args = (G, WS, *chunk, gamma, beta, W0)
+            y_n, WS, G_last = _run_stretch(_forward_stretch, (L, clip, read, norm_qk), args,
+                                           y[n0:n1] if read else None)
+            if y_n is not None:  # a graph's output: copied into place
+                y[n0:n1] = y_n
+            G = _base(WS, W0)
         if N == 1:  # the open chunk's base is an input: hand out a copy, not the input itself
             G_last = tuple(g.clone() for g in G_last)
         ctx.L, ctx.clip, ctx.read, ctx.checkpoints, ctx.W0, ctx.norm_qk = L, clip, read, saved, W0, norm_qk
@@ -645,82 +640,26 @@ class _MemoryChunks(torch.autograd.Function):
         d_gamma = d_beta = None
         W0 = tuple(w.detach() for w in ctx.W0)
         dW0 = [torch.zeros_like(w) for w in W0]
-        ext = _native_loops(q, clip, W0)
-        if ext is not None:  # the C++ loops, one memory per thread (native.py)
-            dWS, d_gamma, d_beta = _native_backward(ext, ctx, q, k, v, alpha, eta, theta, valid, gamma, beta,
-                                                    dy, dWS, dG_last, d_inputs)
-        else:
-            for n0 in range(K * ((N - 1) // K), -1, -K):
-                n1 = min(n0 + K, N)
-                WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
-                G = ctx.G0 if n0 == 0 else _base(WS, W0)
-                last = dG_last if n1 == N else None
-                chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
-                args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
-                d_chunk = [d[n0:n1] for d in d_inputs]
-                static = (L, clip, read, ctx.norm_qk, n0 == 0, ctx.so_scale)
-                d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, static, args, d_chunk)
-                if d_n is not None:  # a graph's outputs: copied into place
-                    for acc, g in zip(d_chunk, d_n):
-                        acc.copy_(g)
-                if dg is not None:
-                    d_gamma = dg if d_gamma is None else d_gamma + dg
-                    d_beta = db if d_beta is None else d_beta + db
-                dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
+        for n0 in range(K * ((N - 1) // K), -1, -K):
+            n1 = min(n0 + K, N)
+            WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
+            G = ctx.G0 if n0 == 0 else _base(WS, W0)
+            last = dG_last if n1 == N else None
+            chunk = tuple(t[n0:n1] for t in (q, k, v, alpha, eta, theta, valid))
+            args = (G, WS, *chunk, gamma, beta, W0, dy[n0:n1] if read else None, dWS, last)
+            d_chunk = [d[n0:n1] for d in d_inputs]
+            static = (L, clip, read, ctx.norm_qk, n0 == 0, ctx.so_scale)
+            d_n, dg, db, dWS, dW0_n = _run_stretch(_backward_stretch, static, args, d_chunk)
+            if d_n is not None:  # a graph's outputs: copied into place
+                for acc, g in zip(d_chunk, d_n):
+                    acc.copy_(g)
+            if dg is not None:
+                d_gamma = dg if d_gamma is None else d_gamma + dg
+                d_beta = db if d_beta is None else d_beta + db
+            dW0 = [acc + g for acc, g in zip(dW0, dW0_n)]
         dG0, dWS = dWS[:L], dWS[L:]  # the first stretch hands out d(first base) and d(start [W; S])
         d_inputs = [d if want else None for d, want in zip(d_inputs, ctx.needs_input_grad[6:12])]
         return (None, None, None, None, None, None, *d_inputs, None, d_gamma, d_beta, *dG0, *dWS, *dW0)
-
-
-def _native_forward(ext, L, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, y, saved):
-    """`_MemoryChunks.forward`'s loop with the C++ stretches: the coefficients (and the L2
-    normalisation) for all chunks at once, then one call per stretch, writing y in place and the
-    checkpoints into `saved` (None: not kept). Returns the end [W; S] and the last chunk's base."""
-    N, K = q.shape[0], CHECKPOINT_EVERY
-    if norm_qk:
-        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
-    chunks = _dense(q, k, v, *chunk_coefficients(alpha, eta, theta, valid))
-    G_last = G
-    for n0 in range(0, N, K):
-        n1 = min(n0 + K, N)
-        if saved is not None:
-            for buf, ws in zip(saved, WS):
-                buf[n0 // K].copy_(ws)
-        out = ext.forward_stretch(list(G), list(WS), *(t[n0:n1] for t in chunks), gamma, beta,
-                                  y[n0:n1] if read else None)
-        WS, G_last = tuple(out[:L]), tuple(out[L:])
-        G = _base(WS, ())
-    return WS, G_last
-
-
-def _native_backward(ext, ctx, q, k, v, alpha, eta, theta, valid, gamma, beta, dy, dWS, dG_last, d_inputs):
-    """`_MemoryChunks.backward`'s loop with the C++ stretches: the coefficients for all chunks at
-    once, one call per stretch (last first), then the coefficients' gradients taken back to the
-    gates, and the normalised q, k's to q, k, once. Writes d_inputs (q, k, v, alpha, eta, theta);
-    returns (d of the first base and start [W; S], d gamma, d beta)."""
-    read, N, K = ctx.read, q.shape[0], CHECKPOINT_EVERY
-    q_in, k_in = q, k
-    if ctx.norm_qk:
-        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
-    chunks = _dense(q, k, v, *chunk_coefficients(alpha, eta, theta, valid))
-    d_coef = [torch.empty_like(c) for c in chunks[3:]]
-    dWS = [d.contiguous() for d in dWS]
-    d_gamma = d_beta = None
-    for n0 in range(K * ((N - 1) // K), -1, -K):
-        n1 = min(n0 + K, N)
-        WS = tuple(buf[n0 // K] for buf in ctx.checkpoints)
-        G = ctx.G0 if n0 == 0 else _base(WS, ())
-        last = dG_last if n1 == N else None
-        dg, db, *dWS = ext.backward_stretch(
-            list(G), list(WS), *(t[n0:n1] for t in chunks), gamma, beta, dy[n0:n1] if read else None, dWS,
-            [] if last is None else list(last), n0 == 0, ctx.so_scale, [d[n0:n1] for d in d_inputs[:3]],
-            [d[n0:n1] for d in d_coef])
-        if dg is not None:
-            d_gamma = dg if d_gamma is None else d_gamma + dg
-            d_beta = db if d_beta is None else d_beta + db
-    _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_inputs, ctx.norm_qk, q_in, k_in, False,
-                                 None, None, (), ())
-    return dWS, None if d_gamma is None else d_gamma.sum(0), None if d_beta is None else d_beta.sum(0)
 
 
 def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, valid, gamma, beta, W0,
@@ -734,6 +673,11 @@ def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, 
     if norm_qk:
         q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
+    ext = _native_loops(q, clip, W0)
+    if ext is not None:  # the same loop in C++, one memory per thread (native.py)
+        states = ext.forward_stretch(list(G), list(WS), *_dense(q, k, v, a, m, C, cS, e), gamma, beta,
+                                     y if read else None)
+        return (y if out else None), tuple(states[:L]), tuple(states[L:])
     G_last = G
     for n in range(q.shape[0]):
         G_last = G
@@ -766,6 +710,16 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
     coef = chunk_coefficients(alpha, eta, theta, valid)
     a, m, C, cS, e = coef
     d_coef = [torch.empty_like(c) for c in coef]
+    ext = _native_loops(q, clip, W0)
+    if ext is not None:  # the same loops in C++, one memory per thread (native.py)
+        dg, db, *dWS = ext.backward_stretch(list(G), list(WS), *_dense(q, k, v, a, m, C, cS, e), gamma, beta,
+                                            dy.contiguous() if read else None, [d.contiguous() for d in dWS],
+                                            [] if dG_last is None else list(dG_last), first, so_scale,
+                                            d_chunk[:3], d_coef)
+        d_gamma, d_beta = (None, None) if dg is None else (dg.sum(0), db.sum(0))
+        dW0 = []
+        return _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm_qk, q_in, k_in,
+                                            out, d_gamma, d_beta, dWS, dW0)
     base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
     # the start states of the stretch's chunks, and their inner gradients (kept for the walk back,
     # which would otherwise compute them a second time; the last chunk's are computed there)
@@ -825,9 +779,8 @@ def _dense(*ts: Tensor) -> list[Tensor]:
 
 
 def _native_loops(q: Tensor, clip, W0):
-    """The C++ chunk loops (native.py) when they cover this run: the eager step (not compiled), no graph
-    capture (the tests' stand-in captures CPU stretches), and what `native.for_stretch` checks."""
-    if _STEP["forward"] is not _chunk_forward or _GRAPHS["capture"] is not None:
+    """The C++ chunk loops (native.py) when they cover this stretch and the step is the eager one."""
+    if _STEP["forward"] is not _chunk_forward:
         return None
     from . import native
 
