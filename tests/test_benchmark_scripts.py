@@ -241,3 +241,22 @@ def test_subnormal_gates_sets_the_momentum_gate_and_restores_the_flush():
     times = subnormal_gates.time_steps(module, x.requires_grad_(), "no flush", 2)
     assert len(times) == 2 and all(t > 0 for t in times)
     assert chunked._flush_subnormal is flush  # put back after the "no flush" steps
+
+
+def test_native_ab_times_both_loops_and_splits_the_step():
+    import native_ab
+
+    from titans.memory import chunked, chunks_native, native
+
+    if not chunks_native():
+        pytest.skip("the C++ chunk loops did not build here")
+    r = native_ab.ab(64, 2)
+    assert {k: len(v) for k, v in r["seconds"].items()} == {"native": 2, "eager": 2}
+    assert math.isclose(r["ratio"], r["median"]["native"] / r["median"]["eager"])
+    module_before, forward_before = native._STATE["module"], chunked._MemoryChunks.forward
+    rows = native_ab.split(128, 1)
+    assert rows[0]["extension"] > 0 and rows[0]["memory_python"] > 0 and rows[0]["outside_memory"] > 0
+    parts = sum(rows[0][k] for k in ("extension", "memory_python", "outside_memory"))
+    assert math.isclose(parts, rows[0]["step"])
+    assert native._STATE["module"] is module_before and chunked._MemoryChunks.forward is forward_before
+    assert chunks_native()
