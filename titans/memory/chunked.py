@@ -9,7 +9,9 @@ the layer's output). Unrolling the two linear recurrences from the chunk's first
 
 so reading M_{W_t}(q_t) needs only b x b masked matmuls per layer, and per-token weights or
 gradients are never formed. An autograd.Function keeps only the chunk-boundary states in the
-forward pass and recomputes each chunk in the backward pass.
+forward pass and recomputes each chunk in the backward pass. On the CPU the loops over a stretch's
+chunks run in C++ (native.py: one (batch, head) memory per thread), the same equations as
+`_forward_stretch` / `_backward_stretch` here, which run everything else.
 """
 
 from __future__ import annotations
@@ -716,10 +718,9 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
                                             dy.contiguous() if read else None, [d.contiguous() for d in dWS],
                                             [] if dG_last is None else list(dG_last), first, so_scale,
                                             d_chunk[:3], d_coef)
-        d_gamma, d_beta = (None, None) if dg is None else (dg.sum(0), db.sum(0))
-        dW0 = []
+        d_gamma, d_beta = (None, None) if dg is None else (dg.sum(0), db.sum(0))  # (B, H, D) -> (H, D)
         return _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm_qk, q_in, k_in,
-                                            out, d_gamma, d_beta, dWS, dW0)
+                                            out, d_gamma, d_beta, dWS, ())
     base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
     # the start states of the stretch's chunks, and their inner gradients (kept for the walk back,
     # which would otherwise compute them a second time; the last chunk's are computed there)
