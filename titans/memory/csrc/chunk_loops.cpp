@@ -277,7 +277,7 @@ TensorList empty_like_all(const TensorList& ts) {
 template <typename F>
 void for_each_memory(int64_t B, int64_t H, const F& body) {
   at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
-    at::NoGradGuard no_grad;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // no autograd inside: skip its dispatch keys
     for (int64_t p = p0; p < p1; ++p) body(p / H, p % H);
   });
 }
