@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .functional import (
     MemoryState,
     Weights,
@@ -783,8 +784,6 @@ def _native_loops(q: Tensor, clip, W0):
     """The C++ chunk loops (native.py) when they cover this stretch and the step is the eager one."""
     if _STEP["forward"] is not _chunk_forward:
         return None
-    from . import native
-
     return native.for_stretch(q, clip, W0)
 
 

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).with_name("csrc") / "chunk_loops.cpp"
 _STATE: dict = {"enabled": os.environ.get("TITANS_NATIVE", "1") != "0", "module": None, "error": None}
@@ -66,8 +67,6 @@ def for_stretch(q: torch.Tensor, clip, W0) -> object | None:
     no tracing), else None. Under a Python dispatch mode (FlopCounterMode, fake tensors) the eager loops
     run, so that the mode sees every operation: the C++ loops run most of theirs on worker threads,
     which a mode does not reach."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if (q.device.type != "cpu" or clip is not None or W0 or q.dtype not in (torch.float32, torch.float64)
             or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None):
         return None

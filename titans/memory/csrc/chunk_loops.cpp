@@ -266,12 +266,6 @@ TensorList pair_views(const TensorList& ts, int64_t bi, int64_t hi) {
   return out;
 }
 
-TensorList empty_like_all(const TensorList& ts) {
-  TensorList out;
-  for (const auto& t : ts) out.push_back(at::empty_like(t));
-  return out;
-}
-
 // Runs body(bi, hi) for every memory of the stretch, the memories split across the threads; the
 // operations inside then run single-threaded (ATen and MKL do not nest parallel regions).
 template <typename F>
@@ -304,27 +298,26 @@ Tensor contiguous_empty(const Tensor& like) {
 }
 
 // chunked._forward_stretch: chunks 0 .. n-1 from base G and state WS. Writes y (n, B, H, b, D) when
-// given; returns the state after the last chunk and that chunk's base, per layer.
+// given; returns the state after the last chunk and that chunk's base, per layer (the base as a view
+// of the scratch state, or G itself when n == 1, as the eager loop hands it out).
 std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tensor k, Tensor v, Tensor a,
                                     Tensor m, Tensor C, Tensor cS, Tensor e, std::optional<Tensor> gamma,
                                     std::optional<Tensor> beta, std::optional<Tensor> y) {
   const Stretch s = make_stretch(std::move(G), std::move(WS), q, k, v, a, m, C, cS, e, gamma, beta);
   TORCH_CHECK(!y || y->is_contiguous(), "chunk loops: y must be contiguous");
-  TensorList WS_end, G_last;
-  for (int64_t i = 0; i < s.L; ++i) WS_end.push_back(contiguous_empty(s.WS[i])), G_last.push_back(contiguous_empty(s.G[i]));
+  // the states alternate between WS_end and a scratch state; the last lands in WS_end, so for n >= 2
+  // the last chunk started from the scratch state, whose W part is that chunk's base
+  TensorList WS_end, scratch;
+  for (int64_t i = 0; i < s.L; ++i) WS_end.push_back(contiguous_empty(s.WS[i])), scratch.push_back(contiguous_empty(s.WS[i]));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_stretch", [&] {
     for_each_memory(s.B, s.H, [&](int64_t bi, int64_t hi) {
       const Tensor gamma_h = s.head(s.gamma, hi), beta_h = s.head(s.beta, hi);
       TensorList g = pair_views(s.G, bi, hi), ws = pair_views(s.WS, bi, hi);
-      // the states alternate between the output and a scratch buffer; the last lands in the output
-      const TensorList out_views = pair_views(WS_end, bi, hi);
-      const TensorList bufs[2] = {out_views, empty_like_all(out_views)};
+      const TensorList bufs[2] = {pair_views(WS_end, bi, hi), pair_views(scratch, bi, hi)};
       for (int64_t c = 0; c < s.n; ++c) {
         const Chunk ch = s.chunk(c, bi, hi);
         Cache cache = inner_gradients<scalar_t>(g, ch, gamma_h, beta_h);
         if (y) read<scalar_t>(cache, ws, ch, gamma_h, beta_h, s.Lg, false, (*y)[c][bi][hi]);
-        if (c == s.n - 1)
-          for (int64_t i = 0; i < s.L; ++i) G_last[i][bi][hi].copy_(g[i]);
         written_keys<scalar_t>(cache, ch, s.Lg);
         const TensorList& out = bufs[(s.n - 1 - c) % 2];
         update<scalar_t>(cache, ws, ch, s.Lg, out);
@@ -333,7 +326,7 @@ std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tenso
       }
     });
   });
-  WS_end.insert(WS_end.end(), G_last.begin(), G_last.end());
+  for (int64_t i = 0; i < s.L; ++i) WS_end.push_back(s.n == 1 ? s.G[i] : scratch[i].narrow(2, 0, s.G[i].size(2)));
   return WS_end;
 }
 
@@ -548,10 +541,11 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
     dgamma = at::zeros({s.B, s.H, q.size(-1)}, q.options());
     dbeta = at::zeros_like(dgamma);
   }
-  TensorList dWS_start, dG0;
+  TensorList dWS_start, d_scratch, dG0;
   for (int64_t i = 0; i < s.L; ++i) {
     dWS_start.push_back(contiguous_empty(s.WS[i]));
-    if (first) dG0.push_back(at::zeros(s.G[i].sizes(), s.G[i].options().memory_format(at::MemoryFormat::Contiguous)));
+    d_scratch.push_back(contiguous_empty(s.WS[i]));
+    if (first) dG0.push_back(contiguous_empty(s.G[i]).zero_());
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "backward_stretch", [&] {
     for_each_memory(s.B, s.H, [&](int64_t bi, int64_t hi) {
@@ -578,8 +572,7 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
       }
       caches.emplace_back(std::nullopt);
       // d of the start states alternate between two buffers; chunk 0's lands in dWS_start
-      const TensorList start_views = pair_views(dWS_start, bi, hi);
-      const TensorList bufs[2] = {start_views, empty_like_all(start_views)};
+      const TensorList bufs[2] = {pair_views(dWS_start, bi, hi), pair_views(d_scratch, bi, hi)};
       TensorList dws = pair_views(dWS, bi, hi);
       const TensorList dG0_p = first ? pair_views(dG0, bi, hi) : TensorList();
       for (int64_t c = s.n - 1; c >= 0; --c) {
