@@ -101,25 +101,27 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
         S_T = tuple(ws[:, :, ws.shape[2] // 2:] for ws in WS_T)
         y = None
         if read:
-            y = y_c.permute(1, 2, 0, 3, 4).reshape(spec.B, spec.H, N * b, spec.D)[:, :, r:r + spec.T]
+            # (B, H, T, D) laid out as (B, T, H, D): the layer's output norm reads it by time steps
+            y = y_c.permute(1, 0, 3, 2, 4).reshape(spec.B, N * b, spec.H, spec.D)[:, r:r + spec.T].transpose(1, 2)
         aligned = (pos + spec.T) % b == 0
         return y, MemoryState(W_T, S_T, W_T if aligned else G_T, pos + spec.T, b)
 
 
 def _chunk_tokens(x: Tensor, pad: tuple[int, int], b: int) -> Tensor:
     """(B, H, T, D) -> (N, B, H, b, D), zero-padded at the front/back to whole chunks."""
-    B, H, _, D = x.shape
-    x = F.pad(x, (0, 0, *pad))
-    return x.view(B, H, -1, b, D).permute(2, 0, 1, 3, 4).contiguous()
+    if any(pad):  # F.pad copies even when it pads nothing
+        x = F.pad(x, (0, 0, *pad))
+    # one copy from any layout (the layer's q, k, v are strided views of the convolution's output)
+    return x.unflatten(2, (-1, b)).permute(2, 0, 1, 3, 4).contiguous()
 
 
 def _chunk_gate(g: Tensor, pad: tuple[int, int], b: int, fill: float) -> Tensor:
     """(B, H, T) or (B, H, T, L) -> (N, B, H, Lg, b), padded with `fill`."""
     if g.dim() == 3:
         g = g.unsqueeze(-1)
-    B, H, _, Lg = g.shape
-    g = F.pad(g, (0, 0, *pad), value=fill)
-    return g.view(B, H, -1, b, Lg).permute(2, 0, 1, 4, 3).contiguous()
+    if any(pad):
+        g = F.pad(g, (0, 0, *pad), value=fill)
+    return g.unflatten(2, (-1, b)).permute(2, 0, 1, 4, 3).contiguous()
 
 
 def _decay_matrix(x: Tensor) -> Tensor:
