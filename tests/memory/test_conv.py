@@ -1,4 +1,5 @@
-"""The fused causal depthwise conv + SiLU against torch's conv1d, and its streaming cache."""
+"""The fused causal depthwise conv + SiLU against torch's conv1d, and its streaming cache; each case
+with the C++ loops (csrc/conv_silu.cpp, the default on the CPU) and with the eager code (`loops`)."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ def _reference(x, cache, w):
 
 
 @pytest.mark.parametrize("T", [1, 2, 9, 600])  # shorter than the cache, longer, several dot blocks
-def test_matches_conv1d_values_and_gradients(T):
+def test_matches_conv1d_values_and_gradients(T, loops):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, T, 5, dtype=torch.float64, generator=g, requires_grad=True)
     cache = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -27,14 +28,14 @@ def test_matches_conv1d_values_and_gradients(T):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck():
+def test_gradcheck(loops):
     g = torch.Generator().manual_seed(1)
     args = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True)
             for s in ((1, 4, 3), (1, 2, 3), (3, 3))]
     assert torch.autograd.gradcheck(causal_conv_silu, args)
 
 
-def test_streaming_cache_short_and_long_pieces():
+def test_streaming_cache_short_and_long_pieces(loops):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 11, 4, dtype=torch.float64, generator=g)
     w = torch.randn(4, 4, dtype=torch.float64, generator=g)
@@ -47,7 +48,7 @@ def test_streaming_cache_short_and_long_pieces():
 
 
 @pytest.mark.parametrize("T, block", [(2, 512), (9, 512), (9, 4), (9, 3), (10, 3), (9, 2)])
-def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch):
+def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch, loops):
     """conv_silu(x, proj, ...) works in blocks of time and recomputes the projection x @ proj^T in
     its backward instead of saving it: values, the cache after x, and gradients of x, proj, cache
     and conv weight -- through the output and through the returned cache -- equal plain autograd of
@@ -78,3 +79,41 @@ def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch
     for name, a, b in zip(("x", "proj", "cache", "weight"), grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
     assert torch.autograd.gradcheck(lambda *a: conv_silu(a[0], a[1], a[3], a[2]), inputs)
+
+
+def test_the_cpp_convolution_runs_by_default_and_not_when_disabled(monkeypatch):
+    """float32 and float64 CPU tensors reach the C++ loops, forward and backward, and agree with the
+    eager code (to rounding in float32); with native_chunks(False) they are not called."""
+    from memory_testlib import require_native
+
+    from titans.memory import native
+    from titans.memory.conv import conv_silu
+
+    require_native()
+    ext, calls = native.module(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ext, name)
+
+    g = torch.Generator().manual_seed(4)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-12)):  # float32: sums in another order
+        x = torch.randn(2, 150, 8, dtype=dtype, generator=g, requires_grad=True)
+        proj = torch.randn(12, 8, dtype=dtype, generator=g, requires_grad=True)
+        w = torch.randn(12, 4, dtype=dtype, generator=g, requires_grad=True)
+        results = {}
+        for mode in ("native", "eager"):
+            calls.clear()
+            native.native_chunks(mode == "native")
+            monkeypatch.setitem(native._STATE, "module", Spy() if mode == "native" else ext)
+            try:
+                y, tail = conv_silu(x, proj, w, None)
+                grads = torch.autograd.grad((y * y).sum() + tail.sum(), (x, proj, w))
+            finally:
+                native.native_chunks(True)
+            results[mode] = (y, tail, *grads)
+            expected = ["conv_silu_backward", "conv_silu_forward"] if mode == "native" else []
+            assert sorted(set(calls)) == expected, (mode, calls)
+        for a, b in zip(results["native"], results["eager"]):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())

@@ -102,7 +102,8 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
         y = None
         if read:
             # (B, H, T, D) laid out as (B, T, H, D): the layer's output norm reads it by time steps
-            y = y_c.permute(1, 0, 3, 2, 4).reshape(spec.B, N * b, spec.H, spec.D)[:, r:r + spec.T].transpose(1, 2)
+            y = y_c.permute(1, 0, 3, 2, 4).reshape(spec.B, N * b, spec.H, spec.D)
+            y = y[:, r:r + spec.T].transpose(1, 2)
         aligned = (pos + spec.T) % b == 0
         return y, MemoryState(W_T, S_T, W_T if aligned else G_T, pos + spec.T, b)
 

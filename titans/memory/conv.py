@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 
 def causal_conv_silu(x: Tensor, cache: Tensor, weight: Tensor) -> Tensor:
     """y_t = SiLU(sum_i weight[:, i] * x_{t - K + 1 + i}), where x_{<0} comes from `cache`.
@@ -34,6 +36,26 @@ def _shifts(K: int, T: int):
     """(i, s, m) for each tap i < K-1 of the kernel: it reads the input s = K-1-i steps back, and the
     first m = min(s, T) outputs take that input from the cache (rows K-1-s .. K-1-s+m-1)."""
     return [(i, K - 1 - i, min(K - 1 - i, T)) for i in range(K - 1)]
+
+
+def _native(x: Tensor, cache: Tensor):
+    """The C++ convolution (csrc/conv_silu.cpp) when it takes these tensors (CPU, float32/64,
+    contiguous channels; native.for_tensor), else None: the eager code below runs."""
+    if x.stride(-1) != 1 or cache.stride(-1) != 1 or cache.dtype != x.dtype:
+        return None
+    return native.for_tensor(x)
+
+
+def _conv_silu(x: Tensor, cache: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
+    """SiLU(_pre_activation(x, cache, w)), written into `out` (B, T, C) when given."""
+    ext = _native(x, cache)
+    if ext is not None:
+        rows = out is not None and out.stride(2) == 1 and out.stride(1) == out.shape[2]  # written in place
+        y = out if rows else torch.empty_like(x, memory_format=torch.contiguous_format)
+        ext.conv_silu_forward(x, cache, w.t().contiguous(), y)
+        return y if out is None or rows else out.copy_(y)
+    y = F.silu(_pre_activation(x, cache, w), inplace=True)
+    return y if out is None else out.copy_(y)
 
 
 def _pre_activation(x: Tensor, cache: Tensor, w: Tensor) -> Tensor:
@@ -63,6 +85,11 @@ def _conv_silu_backward(x: Tensor, cache: Tensor, w: Tensor, dy: Tensor) -> tupl
     """(dx, dcache, dw) of y = SiLU(causal conv of x with w, x_{<0} from cache), all in x's dtype."""
     T, K = x.shape[1], w.shape[1]
     taps = w.t().contiguous()  # (K, C): contiguous per-tap channel vectors
+    ext = _native(x, cache)
+    if ext is not None:  # the passes below, fused (csrc/conv_silu.cpp)
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx, dcache, dtaps = ext.conv_silu_backward(x, cache, taps, dy)
+        return dx, dcache, dtaps.t().contiguous()
     # two activation-sized buffers in all: SiLU'(p) = s + p s (1 - s) is built in place in
     # `pre`, and the input gradient is then written into the buffer of `s`
     pre = _pre_activation(x, cache, w)
@@ -86,7 +113,7 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cache, weight):
         ctx.save_for_backward(x, cache, weight)
-        return F.silu(_pre_activation(x, cache.to(x.dtype), weight.to(x.dtype)), inplace=True)
+        return _conv_silu(x, cache.to(x.dtype), weight.to(x.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -118,7 +145,7 @@ class _LinearConvSiLU(torch.autograd.Function):
             if y is None:
                 y = hb.new_empty(B, T, hb.shape[-1])
                 left, w = cache.to(hb.dtype), weight.to(hb.dtype)
-            y[:, t0:t0 + step] = F.silu(_pre_activation(hb, left, w), inplace=True)
+            _conv_silu(hb, left, w, out=y[:, t0:t0 + step])
             left = conv_tail(hb, left)  # the K-1 rows of h before the next block
         ctx.save_for_backward(x, proj, cache, weight)
         ctx.h_dtype = y.dtype

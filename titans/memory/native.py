@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-SOURCE = Path(__file__).with_name("csrc") / "chunk_loops.cpp"
+# the chunk loops, and the layer's causal convolution + SiLU (conv.py)
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("chunk_loops.cpp", "conv_silu.cpp")]
 _STATE: dict = {"enabled": os.environ.get("TITANS_NATIVE", "1") != "0", "module": None, "error": None}
 
 
@@ -50,8 +51,9 @@ def module():
 
             # -fopenmp: at::parallel_for is a header template; without it the memories run one by one
             # named by the source's hash: other versions (a git worktree, an A/B run) keep their own builds
-            digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]
-            _STATE["module"] = load(name=f"titans_chunk_loops_{digest}", sources=[str(SOURCE)], verbose=False,
+            digest = hashlib.sha1(b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:12]
+            _STATE["module"] = load(name=f"titans_chunk_loops_{digest}", sources=[str(s) for s in SOURCES],
+                                    verbose=False,
                                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as err:  # noqa: BLE001 -- any build failure falls back to the eager loops
             _STATE["error"] = err
@@ -62,12 +64,16 @@ def module():
     return _STATE["module"]
 
 
-def for_stretch(q: torch.Tensor, clip, W0) -> object | None:
-    """The extension when it can run this stretch (CPU float32/float64 tensors, no clamp, no W0 anchor,
-    no tracing), else None. Under a Python dispatch mode (FlopCounterMode, fake tensors) the eager loops
-    run, so that the mode sees every operation: the C++ loops run most of theirs on worker threads,
-    which a mode does not reach."""
-    if (q.device.type != "cpu" or clip is not None or W0 or q.dtype not in (torch.float32, torch.float64)
+def for_tensor(x: torch.Tensor) -> object | None:
+    """The extension when it can take x (a CPU float32/float64 tensor, no tracing), else None. Under a
+    Python dispatch mode (FlopCounterMode, fake tensors) the eager code runs, so that the mode sees
+    every operation: the C++ loops run most of theirs on worker threads, which a mode does not reach."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None):
         return None
     return module()
+
+
+def for_stretch(q: torch.Tensor, clip, W0) -> object | None:
+    """The extension when it can run this stretch of chunks: `for_tensor(q)`, no clamp, no W0 anchor."""
+    return None if clip is not None or W0 else for_tensor(q)

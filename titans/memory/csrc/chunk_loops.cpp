@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -604,8 +605,15 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
 
 }  // namespace
 
+// conv_silu.cpp: the layer's causal convolution + SiLU
+void conv_silu_forward(const at::Tensor& x, const at::Tensor& left, const at::Tensor& taps, const at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tensor& x, const at::Tensor& left,
+                                                                 const at::Tensor& taps, const at::Tensor& dy);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "titans: the neural memory's chunk loops on the CPU, one memory per thread";
   mod.def("forward_stretch", &forward_stretch, py::call_guard<py::gil_scoped_release>());
   mod.def("backward_stretch", &backward_stretch, py::call_guard<py::gil_scoped_release>());
+  mod.def("conv_silu_forward", &conv_silu_forward, py::call_guard<py::gil_scoped_release>());
+  mod.def("conv_silu_backward", &conv_silu_backward, py::call_guard<py::gil_scoped_release>());
 }
