@@ -262,13 +262,9 @@ def test_graphed_chunk_loops_match_reference(monkeypatch, forget_to):
     assert not chunks_graphed() and not chunked._GRAPHS["cache"]
 
 
-@pytest.mark.parametrize("exact_zeros", [False, True])
-def test_chunk_coefficients_backward_matches_autograd(exact_zeros):
-    """The hand-written gradient of the chunk coefficients (used inside the checkpoint stretches, so
-    they stay free of autograd) == autograd through `chunk_coefficients`, in float64, with padding
-    tokens and with exact zeros of 1 - alpha and eta (where a division-based formula fails)."""
-    from titans.memory.chunked import chunk_coefficients, chunk_coefficients_backward
-
+def _coefficient_inputs(exact_zeros: bool, dtype=torch.float64):
+    """Gates (3, 2, 2, 2, 7) with padding tokens at both ends, optionally with exact zeros of 1 - alpha
+    and of eta (where a division-based formula fails)."""
     g = torch.Generator().manual_seed(0)
     shape = (3, 2, 2, 2, 7)
     alpha, eta, theta = (torch.rand(shape, dtype=torch.float64, generator=g) for _ in range(3))
@@ -278,13 +274,62 @@ def test_chunk_coefficients_backward_matches_autograd(exact_zeros):
     valid = torch.ones(3, 1, 1, 1, 7, dtype=torch.float64)
     valid[0, ..., :2] = 0  # an open chunk's earlier tokens
     valid[-1, ..., 5:] = 0  # padding at the end
+    return [t.to(dtype) for t in (alpha, eta, theta, valid)], g
+
+
+@pytest.mark.parametrize("exact_zeros", [False, True])
+def test_chunk_coefficients_backward_matches_autograd(exact_zeros, loops):
+    """The hand-written gradient of the chunk coefficients (used inside the checkpoint stretches, so
+    they stay free of autograd; in C++ or eager, `loops`) == autograd through the eager
+    `chunk_coefficients`, in float64, with padding tokens and exact zeros."""
+    from titans.memory.chunked import chunk_coefficients, chunk_coefficients_backward
+
+    (alpha, eta, theta, valid), g = _coefficient_inputs(exact_zeros)
     inputs = [t.clone().requires_grad_() for t in (alpha, eta, theta)]
-    outputs = chunk_coefficients(*inputs, valid)
+    outputs = chunk_coefficients(*inputs, valid)  # with autograd: always the eager code
     grads = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in outputs]
     expected = torch.autograd.grad(outputs, inputs, grads)
     got = chunk_coefficients_backward(alpha, eta, theta, valid, *grads)
     for name, e, r in zip(("alpha", "eta", "theta"), expected, got):
         assert torch.allclose(r, e, rtol=1e-12, atol=1e-14), f"d {name}: max error {(r - e).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("exact_zeros", [False, True])
+def test_cpp_chunk_coefficients_match_the_eager_ones(exact_zeros, dtype, monkeypatch):
+    """The C++ coefficients (csrc/coefficients.cpp, run outside autograd on the CPU) == the eager
+    ones, values and gradients, with padding and exact zeros; the extension is reached."""
+    from memory_testlib import require_native
+
+    from titans.memory import chunked, native
+
+    require_native()
+    ext, calls = native.module(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ext, name)
+
+    (alpha, eta, theta, valid), g = _coefficient_inputs(exact_zeros, dtype)
+    grads = None
+    results = {}
+    for mode in ("native", "eager"):
+        native.native_chunks(mode == "native")
+        monkeypatch.setitem(native._STATE, "module", Spy() if mode == "native" else ext)
+        try:
+            out = chunked.chunk_coefficients(alpha, eta, theta, valid)
+            if grads is None:
+                grads = [torch.randn(o.shape, dtype=torch.float64, generator=g).to(dtype) for o in out]
+            results[mode] = (*out, *chunked.chunk_coefficients_backward(alpha, eta, theta, valid, *grads))
+        finally:
+            native.native_chunks(True)
+    assert calls == ["chunk_coefficients", "chunk_coefficients_backward"]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    names = ("a", "m", "C", "cS", "e", "d alpha", "d eta", "d theta")
+    for name, got, expected in zip(names, results["native"], results["eager"]):
+        assert got.shape == expected.shape, name
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol, msg=name)
 
 
 def test_gelu_derivatives_match_autograd_of_the_exact_gelu():
@@ -316,7 +361,7 @@ def _small_momentum_inputs(dtype=torch.float64) -> MemInputs:
                      tuple(cast(w) for w in inp.weights), tuple(cast(t) for t in inp.ln))
 
 
-def test_tiny_chunk_coefficients_are_flushed_to_zero():
+def test_tiny_chunk_coefficients_are_flushed_to_zero(loops):
     """Every chunk coefficient is 0 or at least sqrt(finfo.tiny): matrix products with subnormal
     operands or results run several times slower on x86 CPUs (benchmarks/subnormal_gates.py)."""
     import math

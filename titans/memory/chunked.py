@@ -142,7 +142,14 @@ def chunk_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor)
     alpha, eta, theta: (N, B, H, Lg, b); valid: 1 for real tokens, 0 for padding.
     Returns a, m: (N, B, H, Lg, b); C: (N, B, H, Lg, b, b); cS: (N, B, H, Lg, b); e: (N, B, H, Lg)
     with  W_t = a_t W_0 + m_t S_0 - sum_s C[t, s] g_s  and  S_end = e S_0 - sum_s cS[s] g_s.
+    On the CPU, outside autograd, the same in C++ (csrc/coefficients.cpp), one gate row per loop.
     """
+    ext = _native_coefficients(alpha, eta, theta, valid)
+    if ext is not None:
+        b = alpha.shape[-1]
+        a, m, C, cS, e = ext.chunk_coefficients(*_gate_rows(alpha, eta, theta, valid))
+        return (a.view(alpha.shape), m.view(alpha.shape), C.view(*alpha.shape, b), cS.view(alpha.shape),
+                e.view(alpha.shape[:-1]))
     keep = 1 - alpha
     P = _decay_matrix(keep) * valid.unsqueeze(-2)  # W_t picks up S_u only at real steps u
     Q = _decay_matrix(eta)
@@ -176,6 +183,13 @@ def chunk_coefficients_backward(alpha: Tensor, eta: Tensor, theta: Tensor, valid
     need no special case: a product's derivative by one of its factors is the product of the
     others, which for the decay matrices is D[r-1, u] D[t, r] and for the cumulative products
     c[r-1] D[t, r]."""
+    ext = _native_coefficients(alpha, eta, theta, valid)
+    if ext is not None:
+        b = alpha.shape[-1]
+        rows = lambda t, *shape: t.reshape(-1, *shape).contiguous()  # noqa: E731
+        grads = [rows(da, b), rows(dm, b), rows(dC, b, b), rows(dcS, b), rows(de)]
+        return tuple(d.view(alpha.shape) for d in ext.chunk_coefficients_backward(
+            *_gate_rows(alpha, eta, theta, valid), *grads))
     keep = 1 - alpha
     Pk = _decay_matrix(keep)
     mask = valid.unsqueeze(-2)
@@ -192,6 +206,22 @@ def chunk_coefficients_backward(alpha: Tensor, eta: Tensor, theta: Tensor, valid
     d_keep = _decay_matrix_grad(Pk, dP * mask) + _cumprod_grad(a, Pk, da)
     d_eta = _decay_matrix_grad(Q, dQ) + _cumprod_grad(E, Q, dE)
     return -d_keep, d_eta, d_theta
+
+
+def _native_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor):
+    """The C++ coefficients when they can run: native.for_tensor, no autograd through the gates, and
+    valid (N, 1, ..., 1, b) for gates (N, ..., b)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (alpha, eta, theta)):
+        return None
+    if valid.dim() != alpha.dim() or any(n != 1 for n in valid.shape[1:-1]) or valid.dtype != alpha.dtype:
+        return None
+    return native.for_tensor(alpha)
+
+
+def _gate_rows(alpha: Tensor, eta: Tensor, theta: Tensor, valid: Tensor) -> list[Tensor]:
+    """The gates as (rows, b) and valid as (N, b), contiguous: the C++ coefficients' layout."""
+    b = alpha.shape[-1]
+    return [t.reshape(-1, b).contiguous() for t in (alpha, eta, theta)] + [valid.reshape(-1, b).contiguous()]
 
 
 def _decay_matrix_grad(D: Tensor, dD: Tensor) -> Tensor:

@@ -19,15 +19,31 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-# the chunk loops, and the layer's causal convolution + SiLU (conv.py)
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("chunk_loops.cpp", "conv_silu.cpp")]
+# the chunk loops, their coefficients, and the layer's causal convolution + SiLU (conv.py)
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("chunk_loops.cpp", "coefficients.cpp", "conv_silu.cpp")]
+# -fopenmp: at::parallel_for is a header template; without it the memories run one by one.
+# -march=native on x86-64 (the build is this machine's own): the convolution's loops run 1.5-1.8x faster
+# with AVX2/AVX-512 than with the baseline SSE2.
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+CFLAGS = ["-O3", "-fopenmp"] + (["-march=native"] if X86 else [])
 _STATE: dict = {"enabled": os.environ.get("TITANS_NATIVE", "1") != "0", "module": None, "error": None}
+
+
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags (Linux), so that a build for one CPU is not loaded on another."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
 
 
 def native_chunks(enabled: bool = True) -> None:
@@ -49,12 +65,12 @@ def module():
         try:
             from torch.utils.cpp_extension import load
 
-            # -fopenmp: at::parallel_for is a header template; without it the memories run one by one
-            # named by the source's hash: other versions (a git worktree, an A/B run) keep their own builds
-            digest = hashlib.sha1(b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:12]
+            # named by the hash of the sources, flags and CPU: other versions (a git worktree, an A/B run)
+            # and other machines sharing the cache keep their own builds
+            key = b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode() + _cpu_flags()
+            digest = hashlib.sha1(key).hexdigest()[:12]
             _STATE["module"] = load(name=f"titans_chunk_loops_{digest}", sources=[str(s) for s in SOURCES],
-                                    verbose=False,
-                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                                    verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
         except Exception as err:  # noqa: BLE001 -- any build failure falls back to the eager loops
             _STATE["error"] = err
             warnings.warn(f"titans: the C++ chunk loops did not build ({type(err).__name__}: "

@@ -610,10 +610,20 @@ void conv_silu_forward(const at::Tensor& x, const at::Tensor& left, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tensor& x, const at::Tensor& left,
                                                                  const at::Tensor& taps, const at::Tensor& dy);
 
+// coefficients.cpp: chunked.chunk_coefficients and its backward
+std::vector<at::Tensor> chunk_coefficients(const at::Tensor& alpha, const at::Tensor& eta, const at::Tensor& theta,
+                                           const at::Tensor& valid);
+std::vector<at::Tensor> chunk_coefficients_backward(const at::Tensor& alpha, const at::Tensor& eta,
+                                                    const at::Tensor& theta, const at::Tensor& valid,
+                                                    const at::Tensor& da, const at::Tensor& dm, const at::Tensor& dC,
+                                                    const at::Tensor& dcS, const at::Tensor& de);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "titans: the neural memory's chunk loops on the CPU, one memory per thread";
   mod.def("forward_stretch", &forward_stretch, py::call_guard<py::gil_scoped_release>());
   mod.def("backward_stretch", &backward_stretch, py::call_guard<py::gil_scoped_release>());
+  mod.def("chunk_coefficients", &chunk_coefficients, py::call_guard<py::gil_scoped_release>());
+  mod.def("chunk_coefficients_backward", &chunk_coefficients_backward, py::call_guard<py::gil_scoped_release>());
   mod.def("conv_silu_forward", &conv_silu_forward, py::call_guard<py::gil_scoped_release>());
   mod.def("conv_silu_backward", &conv_silu_backward, py::call_guard<py::gil_scoped_release>());
 }
