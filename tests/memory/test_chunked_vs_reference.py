@@ -83,13 +83,20 @@ def test_grad_clip_matches_reference(L, chunk, per_layer):
 
 
 def test_grad_clip_larger_than_all_norms_is_identity():
+    """Both runs on the eager loops: the clamp is not in the C++ loops, whose sums round differently."""
+    from titans.memory import native
+
     inp = make_inputs(1, 2, 13, 4, 2, seed=3)
-    for fn in ("recurrent", "chunked"):
-        with torch.no_grad():
-            y0, s0 = run(fn, inp, 4)
-            y1, s1 = run(fn, inp, 4, grad_clip=1e6)
-        assert_rel_close(y1, y0, 1e-14, f"{fn} y")
-        assert_states_close(s1, s0, 1e-14, f"{fn} state")
+    native.native_chunks(False)
+    try:
+        for fn in ("recurrent", "chunked"):
+            with torch.no_grad():
+                y0, s0 = run(fn, inp, 4)
+                y1, s1 = run(fn, inp, 4, grad_clip=1e6)
+            assert_rel_close(y1, y0, 1e-14, f"{fn} y")
+            assert_states_close(s1, s0, 1e-14, f"{fn} state")
+    finally:
+        native.native_chunks(True)
 
 
 @pytest.mark.parametrize("alpha_mode", ["zeros", "zeros_and_ones"])
