@@ -4,10 +4,10 @@ the step's time goes.
 Settings of benchmarks/memory_speed.py (dim 384, 4 heads, 2-layer memory, expansion 4, chunk 64,
 batch 2). One module and one input; `titans.memory.native_chunks` is toggled between steps, the two
 alternating, so both see the same machine state; the median of --steps steps each, and their ratio.
-With --split, the C++ loops' steps are also divided into: time inside the extension's chunk loops,
-the rest of the memory's autograd Function (its Python: coefficients, normalisation, checkpoint
-copies), and the layer outside the recurrence (projections, convolution, gates, norms, their
-backward; the C++ convolution's share is reported too).
+With --split, the C++ loops' steps are also divided into: time inside the extension's calls for the
+memory (chunk loops, coefficients), the rest of the memory's autograd Function (its Python:
+normalisation, checkpoint copies), and the layer outside the recurrence (projections, convolution,
+gates, norms, their backward; the share of the extension's convolution and output gate is reported).
 
     python benchmarks/native_ab.py --T 4096 --steps 5            # threads as OMP_NUM_THREADS says
     python benchmarks/native_ab.py --T 4096 --steps 3 --split
@@ -29,7 +29,7 @@ class Timed:
         from titans.memory import chunked, native
 
         self.ext, self.native, self.chunked = native.module(), native, chunked
-        self.seconds = {"extension": 0.0, "function": 0.0, "convolution": 0.0}
+        self.seconds = {"extension": 0.0, "function": 0.0, "layer_cpp": 0.0}
         self.saved = (native._STATE["module"], chunked._MemoryChunks.forward, chunked._MemoryChunks.backward)
 
     def _timed(self, fn, key):
@@ -44,11 +44,10 @@ class Timed:
     def __enter__(self):
         ext, timed = self.ext, self._timed
 
-        class Ext:  # the extension's entry points, timed: the chunk loops and the convolution
-            forward_stretch = staticmethod(timed(ext.forward_stretch, "extension"))
-            backward_stretch = staticmethod(timed(ext.backward_stretch, "extension"))
-            conv_silu_forward = staticmethod(timed(ext.conv_silu_forward, "convolution"))
-            conv_silu_backward = staticmethod(timed(ext.conv_silu_backward, "convolution"))
+        class Ext:  # every entry point, timed: the memory's (chunk loops, coefficients) and the layer's
+            def __getattr__(self, name):
+                key = "layer_cpp" if name.startswith(("conv_", "gated_output_")) else "extension"
+                return timed(getattr(ext, name), key)
 
         self.native._STATE["module"] = Ext()
         F = self.chunked._MemoryChunks
@@ -90,8 +89,8 @@ def ab(T: int, steps: int) -> dict:
 
 
 def split(T: int, steps: int) -> list[dict]:
-    """Per step with the C++ loops: total, inside the chunk loops, rest of the memory Function, outside
-    (and the C++ convolution's part of outside)."""
+    """Per step with the C++ loops: total, inside the memory's C++, rest of the memory Function, outside
+    (and the C++ part of outside)."""
     import torch
 
     torch.manual_seed(0)
@@ -105,9 +104,9 @@ def split(T: int, steps: int) -> list[dict]:
             t0 = time.perf_counter()
             step(module, x)
             total = time.perf_counter() - t0
-        ext, fn, conv = (timed.seconds[k] for k in ("extension", "function", "convolution"))
+        ext, fn, layer_cpp = (timed.seconds[k] for k in ("extension", "function", "layer_cpp"))
         rows.append({"step": total, "extension": ext, "memory_python": fn - ext,
-                     "outside_memory": total - fn, "convolution": conv})
+                     "outside_memory": total - fn, "layer_cpp": layer_cpp})
     return rows
 
 
@@ -128,9 +127,9 @@ def main() -> None:
           f"(per step {fmt(r['seconds']['native'])} against {fmt(r['seconds']['eager'])})")
     if args.split:
         for row in split(args.T, args.steps):
-            print("step {step:.3f} s: C++ loops {extension:.3f}, the memory's Python {memory_python:.3f}, "
-                  "outside the memory {outside_memory:.3f} (of which the C++ convolution {convolution:.3f})"
-                  .format(**row))
+            print("step {step:.3f} s: the memory's C++ {extension:.3f}, its Python {memory_python:.3f}, "
+                  "outside the memory {outside_memory:.3f} (of which C++ {layer_cpp:.3f}: convolution, "
+                  "output gate)".format(**row))
 
 
 if __name__ == "__main__":

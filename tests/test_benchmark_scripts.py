@@ -256,7 +256,7 @@ def test_native_ab_times_both_loops_and_splits_the_step():
     module_before, forward_before = native._STATE["module"], chunked._MemoryChunks.forward
     rows = native_ab.split(128, 1)
     assert rows[0]["extension"] > 0 and rows[0]["memory_python"] > 0 and rows[0]["outside_memory"] > 0
-    assert 0 < rows[0]["convolution"] < rows[0]["outside_memory"]
+    assert 0 < rows[0]["layer_cpp"] < rows[0]["outside_memory"]
     parts = sum(rows[0][k] for k in ("extension", "memory_python", "outside_memory"))
     assert math.isclose(parts, rows[0]["step"])
     assert native._STATE["module"] is module_before and chunked._MemoryChunks.forward is forward_before

@@ -452,3 +452,44 @@ def test_read_from_splits_the_gradient_between_write_and_read():
     with pytest.raises(ValueError, match=r"read_from must be a tensor of x's shape \(2, 9, 8\), "
                                          r"got \(2, 8, 8\)"):
         mod(x0, read_from=x0[:, :8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gated_output_cpp_passes_match_the_eager_ones(dtype, monkeypatch):
+    """layer._GatedOutput with its elementwise passes in C++ (csrc/gated_output.cpp: taken when y is
+    laid out (B, T, H, D), as the memory's read is) == the eager passes (y contiguous (B, H, T, D)),
+    output and the gradients of y, the gate's logits, the norm weight and the projection; over
+    several blocks, the last one partial. The C++ passes are reached, forward and backward."""
+    from memory_testlib import require_native
+
+    from titans.memory import native
+
+    require_native()
+    monkeypatch.setattr(layer_mod, "OUT_BLOCK", 8)
+    ext, calls = native.module(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ext, name)
+
+    monkeypatch.setitem(native._STATE, "module", Spy())
+    g = torch.Generator().manual_seed(9)
+    B, H, T, D = 2, 3, 21, 4
+    y_rows = torch.randn(B, T, H, D, dtype=dtype, generator=g)
+    gate = torch.randn(B, T, H * D, dtype=dtype, generator=g, requires_grad=True)
+    w_norm = (1 + 0.1 * torch.randn(D, dtype=dtype, generator=g)).requires_grad_()
+    w_out = torch.randn(H * D, H * D, dtype=dtype, generator=g, requires_grad=True)
+    dout = torch.randn(B, T, H * D, dtype=dtype, generator=g)
+    results = {}
+    for name, y in (("cpp", y_rows.transpose(1, 2)), ("eager", y_rows.transpose(1, 2).contiguous())):
+        y = y.detach().requires_grad_()
+        out = layer_mod._GatedOutput.apply(y, gate, w_norm, w_out, 1e-6)
+        results[name] = (out, *torch.autograd.grad(out, (y, gate, w_norm, w_out), dout))
+        if name == "cpp":
+            assert sorted(set(calls)) == ["gated_output_backward", "gated_output_forward"], calls
+            calls.clear()
+    assert not calls  # the contiguous (B, H, T, D) read takes the eager passes
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for what, a, b in zip(("out", "d y", "d gate", "d w_norm", "d w_out"), results["cpp"], results["eager"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=what)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import native
 from .chunked import memory_read, run_memory
 from .conv import check_sequence, conv_qkv, conv_silu, conv_weight, nonfinite_input_error
 from .functional import MemoryState, no_autocast, rms_norm_backward, rms_scale, silu_grad
@@ -311,10 +312,26 @@ class _GatedOutput(torch.autograd.Function):
     autocast) for the projection, as nn.Linear would."""
 
     @staticmethod
+    def _native(y, g):
+        """The C++ passes (csrc/gated_output.cpp) when they take y and g: y laid out (B, T, H, D) (the
+        memory's read), y and g of one CPU float dtype with contiguous channels; else None."""
+        yt = y.transpose(1, 2)
+        if yt.stride(3) != 1 or yt.stride(2) != y.shape[3] or g.dtype != y.dtype or g.stride(2) != 1:
+            return None
+        return native.for_tensor(y)
+
+    @staticmethod
     def forward(ctx, y, g, w_norm, w_out, eps):
         out = None
+        ext = _GatedOutput._native(y, g)
         for t0 in range(0, y.shape[2], OUT_BLOCK):
-            z, _, _ = _GatedOutput._product(y[:, :, t0:t0 + OUT_BLOCK], g[:, t0:t0 + OUT_BLOCK], w_norm, eps)
+            blk = slice(t0, t0 + OUT_BLOCK)
+            if ext is not None:
+                yb = y.transpose(1, 2)[:, blk].flatten(2)  # (B, n, H D), a view
+                z = torch.empty(yb.shape, dtype=y.dtype)
+                ext.gated_output_forward(yb, g[:, blk], w_norm.to(y.dtype), eps, z)
+            else:
+                z, _, _ = _GatedOutput._product(y[:, :, blk], g[:, blk], w_norm, eps)
             o = F.linear(z.to(g.dtype), w_out.to(g.dtype))
             if out is None:
                 out = o.new_empty(*g.shape[:2], o.shape[-1])
@@ -338,12 +355,24 @@ class _GatedOutput(torch.autograd.Function):
         y, g, w_norm, w_out = ctx.saved_tensors
         H, dt = y.shape[1], g.dtype
         acc = torch.promote_types(y.dtype, torch.float32)
-        dy, dg = torch.empty_like(y), torch.empty_like(g)
+        dg = torch.empty_like(g)
+        ext = _GatedOutput._native(y, g)
+        # laid out as the memory's read, (B, T, H, D), which the C++ passes write by rows
+        dy = torch.empty_like(y) if ext is None else y.new_empty(y.shape[0], y.shape[2], *y.shape[1:2],
+                                                                    y.shape[3]).transpose(1, 2)
         dw_out = torch.zeros(w_out.shape, dtype=acc, device=w_out.device)
         dw_norm = torch.zeros(w_norm.shape, dtype=acc, device=w_norm.device)
         wn, wo = w_norm.to(acc), w_out.to(dt)
         for t0 in range(0, y.shape[2], OUT_BLOCK):
             blk = slice(t0, t0 + OUT_BLOCK)
+            if ext is not None:  # the passes below, fused; dy is laid out as y
+                db = dout[:, blk]
+                dz = db @ wo
+                z = torch.empty(dz.shape, dtype=dz.dtype)
+                yb, dyb = (t.transpose(1, 2)[:, blk].flatten(2) for t in (y, dy))  # (B, n, H D) views
+                dw_norm += ext.gated_output_backward(yb, g[:, blk], wn, ctx.eps, dz, z, dg[:, blk], dyb)
+                dw_out += db.flatten(0, -2).t() @ z.flatten(0, -2)
+                continue
             yb, gb, db = y[:, :, blk].to(acc), g[:, blk].to(acc), dout[:, blk]
             z, normed, rstd = _GatedOutput._product(yb, gb, wn, ctx.eps)
             dw_out += (db.flatten(0, -2).t() @ z.to(dt).flatten(0, -2)).to(acc)

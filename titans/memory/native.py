@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-# the chunk loops, their coefficients, and the layer's causal convolution + SiLU (conv.py)
+# the chunk loops, their coefficients, and the layer's causal convolution + SiLU (conv.py) and output
+# gate (layer._GatedOutput)
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("chunk_loops.cpp", "coefficients.cpp", "conv_silu.cpp")]
+           for name in ("chunk_loops.cpp", "coefficients.cpp", "conv_silu.cpp", "gated_output.cpp")]
 # -fopenmp: at::parallel_for is a header template; without it the memories run one by one.
 # -march=native on x86-64 (the build is this machine's own): the convolution's loops run 1.5-1.8x faster
 # with AVX2/AVX-512 than with the baseline SSE2.

@@ -618,12 +618,21 @@ std::vector<at::Tensor> chunk_coefficients_backward(const at::Tensor& alpha, con
                                                     const at::Tensor& da, const at::Tensor& dm, const at::Tensor& dC,
                                                     const at::Tensor& dcS, const at::Tensor& de);
 
+// gated_output.cpp: layer._GatedOutput's elementwise passes
+void gated_output_forward(const at::Tensor& y, const at::Tensor& g, const at::Tensor& w, double eps,
+                          const at::Tensor& z);
+at::Tensor gated_output_backward(const at::Tensor& y, const at::Tensor& g, const at::Tensor& w, double eps,
+                                 const at::Tensor& dz, const at::Tensor& z, const at::Tensor& dg,
+                                 const at::Tensor& dy);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "titans: the neural memory's chunk loops on the CPU, one memory per thread";
   mod.def("forward_stretch", &forward_stretch, py::call_guard<py::gil_scoped_release>());
   mod.def("backward_stretch", &backward_stretch, py::call_guard<py::gil_scoped_release>());
   mod.def("chunk_coefficients", &chunk_coefficients, py::call_guard<py::gil_scoped_release>());
   mod.def("chunk_coefficients_backward", &chunk_coefficients_backward, py::call_guard<py::gil_scoped_release>());
+  mod.def("gated_output_forward", &gated_output_forward, py::call_guard<py::gil_scoped_release>());
+  mod.def("gated_output_backward", &gated_output_backward, py::call_guard<py::gil_scoped_release>());
   mod.def("conv_silu_forward", &conv_silu_forward, py::call_guard<py::gil_scoped_release>());
   mod.def("conv_silu_backward", &conv_silu_backward, py::call_guard<py::gil_scoped_release>());
 }
