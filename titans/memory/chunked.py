@@ -706,14 +706,14 @@ def _forward_stretch(L, clip, read, norm_qk, G, WS, q, k, v, alpha, eta, theta, 
     out = y is None and read
     if out:
         y = torch.empty_like(q)
-    if norm_qk:
-        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     a, m, C, cS, e = chunk_coefficients(alpha, eta, theta, valid)
     ext = _native_loops(q, clip, W0)
-    if ext is not None:  # the same loop in C++, one memory per thread (native.py)
+    if ext is not None:  # the same loop in C++, one memory per thread (native.py); q, k normalised there
         states = ext.forward_stretch(list(G), list(WS), *_dense(q, k, v, a, m, C, cS, e), gamma, beta,
-                                     y if read else None)
+                                     y if read else None, norm_qk)
         return (y if out else None), tuple(states[:L]), tuple(states[L:])
+    if norm_qk:
+        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     G_last = G
     for n in range(q.shape[0]):
         G_last = G
@@ -740,21 +740,21 @@ def _backward_stretch(L, clip, read, norm_qk, first, so_scale, G, WS, q, k, v, a
     out = d_chunk is None
     if out:
         d_chunk = [torch.empty_like(t) for t in (q, k, v, alpha, eta, theta)]
-    q_in, k_in = q, k
-    if norm_qk:
-        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     coef = chunk_coefficients(alpha, eta, theta, valid)
     a, m, C, cS, e = coef
     d_coef = [torch.empty_like(c) for c in coef]
     ext = _native_loops(q, clip, W0)
-    if ext is not None:  # the same loops in C++, one memory per thread (native.py)
+    if ext is not None:  # the same loops in C++, one memory per thread (native.py); q, k normalised there
         dg, db, *dWS = ext.backward_stretch(list(G), list(WS), *_dense(q, k, v, a, m, C, cS, e), gamma, beta,
                                             dy.contiguous() if read else None, [d.contiguous() for d in dWS],
                                             [] if dG_last is None else list(dG_last), first, so_scale,
-                                            d_chunk[:3], d_coef)
+                                            d_chunk[:3], d_coef, norm_qk)
         d_gamma, d_beta = (None, None) if dg is None else (dg.sum(0), db.sum(0))  # (B, H, D) -> (H, D)
-        return _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, norm_qk, q_in, k_in,
+        return _coefficient_and_input_grads(alpha, eta, theta, valid, d_coef, d_chunk, False, q, k,
                                             out, d_gamma, d_beta, dWS, ())
+    q_in, k_in = q, k
+    if norm_qk:
+        q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
     base = lambda n, WS: G if n == 0 else _base(WS, W0)  # noqa: E731
     # the start states of the stretch's chunks, and their inner gradients (kept for the walk back,
     # which would otherwise compute them a second time; the last chunk's are computed there)

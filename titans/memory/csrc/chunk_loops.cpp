@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -70,6 +71,46 @@ Tensor gelu_and_grad(const Tensor& z, const GeluParts& g, Tensor* gp) {
   return out;
 }
 
+constexpr double kL2Eps = 1e-12;  // chunked.L2_EPS (F.normalize's default)
+
+// x / max(|x|, eps) per row of a (b, D) tensor: the layer's q and k, normalised per chunk.
+template <typename T>
+Tensor l2_normalized(const Tensor& x) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  Tensor out = at::empty_like(x);
+  const T* X = ptr<T>(x);
+  T* O = ptr<T>(out);
+  for (int64_t i = 0; i < rows; ++i) {
+    T ss = T(0);
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < D; ++j) ss += X[i * D + j] * X[i * D + j];
+    const T inv = T(1) / std::max(std::sqrt(ss), T(kL2Eps));
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) O[i * D + j] = X[i * D + j] * inv;
+  }
+  return out;
+}
+
+// chunked._l2_normalize_backward in place: dy -> (dy - y (y . dy)) / |x| (dy / eps where |x| <= eps),
+// y = x / max(|x|, eps), per row of the (b, D) tensors x and dy.
+template <typename T>
+void l2_normalize_backward_(const Tensor& x, const Tensor& dy) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  const T* X = ptr<T>(x);
+  T* G = ptr<T>(dy);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xi = X + i * D;
+    T* gi = G + i * D;
+    T ss = T(0), dot = T(0);
+#pragma omp simd reduction(+ : ss, dot)
+    for (int64_t j = 0; j < D; ++j) ss += xi[j] * xi[j], dot += xi[j] * gi[j];
+    const T n = std::sqrt(ss), inv = T(1) / std::max(n, T(kL2Eps));
+    const T proj = n > T(kL2Eps) ? dot * inv : T(0);  // y . dy
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) gi[j] = (gi[j] - xi[j] * inv * proj) * inv;
+  }
+}
+
 // One chunk of one memory: 2-D views. Gates: a, m (Lg, b); C (Lg, b, b); cS (Lg, b); e (Lg).
 struct Chunk {
   Tensor q, k, v, a, m, C, cS, e;
@@ -90,10 +131,22 @@ struct Stretch {
   Tensor q, k, v, a, m, C, cS, e;  // (n, B, H, ...)
   Tensor gamma, beta;  // (H, D) or undefined
   int64_t B = 0, H = 0, n = 0, L = 0, Lg = 0, b = 0;
+  bool norm_qk = false;  // q and k come before their L2 normalisation: normalised per chunk here
 
-  Chunk chunk(int64_t c, int64_t bi, int64_t hi) const {
+  // One memory's chunk c, q and k as given.
+  Chunk raw(int64_t c, int64_t bi, int64_t hi) const {
     auto at3 = [&](const Tensor& t) { return t[c][bi][hi]; };
     return {at3(q), at3(k), at3(v), at3(a), at3(m), at3(C), at3(cS), at3(e)};
+  }
+  // ... with q and k normalised when norm_qk (and want_q: q is only read by the read)
+  template <typename T>
+  Chunk chunk(int64_t c, int64_t bi, int64_t hi, bool want_q = true) const {
+    Chunk ch = raw(c, bi, hi);
+    if (norm_qk) {
+      if (want_q) ch.q = l2_normalized<T>(ch.q);
+      ch.k = l2_normalized<T>(ch.k);
+    }
+    return ch;
   }
   Tensor head(const Tensor& t, int64_t hi) const { return t.defined() ? t[hi] : Tensor(); }
 };
@@ -279,7 +332,7 @@ void for_each_memory(int64_t B, int64_t H, const F& body) {
 
 Stretch make_stretch(TensorList G, TensorList WS, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& a, const Tensor& m, const Tensor& C, const Tensor& cS, const Tensor& e,
-                     const std::optional<Tensor>& gamma, const std::optional<Tensor>& beta) {
+                     const std::optional<Tensor>& gamma, const std::optional<Tensor>& beta, bool norm_qk) {
   TORCH_CHECK(!G.empty() && G.size() == WS.size(), "chunk loops: G and WS must have one tensor per layer");
   TORCH_CHECK(q.dim() == 5 && a.dim() == 5 && C.dim() == 6, "chunk loops: unexpected chunk layout");
   for (const Tensor* t : {&q, &k, &v, &a, &m, &C, &cS, &e})
@@ -289,7 +342,7 @@ Stretch make_stretch(TensorList G, TensorList WS, const Tensor& q, const Tensor&
   Stretch s{std::move(G), std::move(WS), q, k, v, a, m, C, cS, e};
   if (gamma) s.gamma = gamma->contiguous(), s.beta = beta->contiguous();
   s.n = q.size(0), s.B = q.size(1), s.H = q.size(2), s.b = q.size(3);
-  s.L = static_cast<int64_t>(s.G.size()), s.Lg = a.size(3);
+  s.L = static_cast<int64_t>(s.G.size()), s.Lg = a.size(3), s.norm_qk = norm_qk;
   TORCH_CHECK(s.L == 1 || s.gamma.defined(), "chunk loops: gamma and beta are required for L >= 2");
   return s;
 }
@@ -303,8 +356,8 @@ Tensor contiguous_empty(const Tensor& like) {
 // of the scratch state, or G itself when n == 1, as the eager loop hands it out).
 std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tensor k, Tensor v, Tensor a,
                                     Tensor m, Tensor C, Tensor cS, Tensor e, std::optional<Tensor> gamma,
-                                    std::optional<Tensor> beta, std::optional<Tensor> y) {
-  const Stretch s = make_stretch(std::move(G), std::move(WS), q, k, v, a, m, C, cS, e, gamma, beta);
+                                    std::optional<Tensor> beta, std::optional<Tensor> y, bool norm_qk) {
+  const Stretch s = make_stretch(std::move(G), std::move(WS), q, k, v, a, m, C, cS, e, gamma, beta, norm_qk);
   TORCH_CHECK(!y || y->is_contiguous(), "chunk loops: y must be contiguous");
   // the states alternate between WS_end and a scratch state; the last lands in WS_end, so for n >= 2
   // the last chunk started from the scratch state, whose W part is that chunk's base
@@ -316,7 +369,7 @@ std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tenso
       TensorList g = pair_views(s.G, bi, hi), ws = pair_views(s.WS, bi, hi);
       const TensorList bufs[2] = {pair_views(WS_end, bi, hi), pair_views(scratch, bi, hi)};
       for (int64_t c = 0; c < s.n; ++c) {
-        const Chunk ch = s.chunk(c, bi, hi);
+        const Chunk ch = s.chunk<scalar_t>(c, bi, hi, y.has_value());
         Cache cache = inner_gradients<scalar_t>(g, ch, gamma_h, beta_h);
         if (y) read<scalar_t>(cache, ws, ch, gamma_h, beta_h, s.Lg, false, (*y)[c][bi][hi]);
         written_keys<scalar_t>(cache, ch, s.Lg);
@@ -517,7 +570,7 @@ void chunk_backward(const TensorList& G, const TensorList& WS, const Chunk& ch, 
   for (int64_t o = 0; o < b * D0; ++o) dk[o] += dx0[o];
 }
 
-// chunked._backward_stretch's loops (the coefficients and the L2 normalisation stay in Python):
+// chunked._backward_stretch's loops (the coefficients' gradients go back to the gates in Python):
 // recompute the start states of chunks 0 .. n-1 from base G and state WS, then walk back from dWS
 // (the gradient of the state after chunk n-1; dG_last: of the last chunk's base, or empty).
 // Writes d q, k, v into dqkv (3 tensors like q) and the coefficients' gradients into d_coef
@@ -527,8 +580,8 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
                                      Tensor m, Tensor C, Tensor cS, Tensor e, std::optional<Tensor> gamma,
                                      std::optional<Tensor> beta, std::optional<Tensor> dy, TensorList dWS,
                                      TensorList dG_last, bool first, double so_scale, TensorList dqkv,
-                                     TensorList d_coef) {
-  const Stretch s = make_stretch(std::move(G), std::move(WS), q, k, v, a, m, C, cS, e, gamma, beta);
+                                     TensorList d_coef, bool norm_qk) {
+  const Stretch s = make_stretch(std::move(G), std::move(WS), q, k, v, a, m, C, cS, e, gamma, beta, norm_qk);
   TORCH_CHECK(dqkv.size() == 3 && d_coef.size() == 5, "chunk loops: 3 + 5 gradient buffers expected");
   TORCH_CHECK(dWS.size() == static_cast<size_t>(s.L), "chunk loops: dWS must have one tensor per layer");
   for (const auto& t : dqkv) TORCH_CHECK(t.is_contiguous(), "chunk loops: gradient buffers must be contiguous");
@@ -562,7 +615,7 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
         blocks.push_back(at::empty({std::max<int64_t>(s.n - 1, 1), ws.size(0), ws.size(1)}, ws.options()));
       std::vector<std::optional<Cache>> caches;
       for (int64_t c = 0; c + 1 < s.n; ++c) {
-        const Chunk ch = s.chunk(c, bi, hi);
+        const Chunk ch = s.chunk<scalar_t>(c, bi, hi, false);
         Cache cache = inner_gradients<scalar_t>(base(c, starts.back()), ch, gamma_h, beta_h);
         written_keys<scalar_t>(cache, ch, s.Lg);
         TensorList out;
@@ -577,7 +630,7 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
       TensorList dws = pair_views(dWS, bi, hi);
       const TensorList dG0_p = first ? pair_views(dG0, bi, hi) : TensorList();
       for (int64_t c = s.n - 1; c >= 0; --c) {
-        const Chunk ch = s.chunk(c, bi, hi);
+        const Chunk ch = s.chunk<scalar_t>(c, bi, hi, dy.has_value());
         const TensorList Gc = base(c, starts[c]);
         Cache cache = caches[c] ? std::move(*caches[c]) : inner_gradients<scalar_t>(Gc, ch, gamma_h, beta_h);
         caches[c].reset();
@@ -588,6 +641,11 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
         const TensorList& out = bufs[c % 2];
         chunk_backward<scalar_t>(Gc, starts[c], ch, gamma_h, beta_h, s.Lg, dy ? (*dy)[c][bi][hi] : Tensor(), dws,
                                  so_scale, std::move(cache), d, dgamma_p, dbeta_p, out, dG_into);
+        if (s.norm_qk) {  // d of the normalised q, k -> d of q, k as given
+          const Chunk raw = s.raw(c, bi, hi);
+          if (dy) l2_normalize_backward_<scalar_t>(raw.q, d.q);
+          l2_normalize_backward_<scalar_t>(raw.k, d.k);
+        }
         if (c == s.n - 1 && !dG_last.empty()) {  // gradient into the open chunk's base (not scaled)
           const TensorList last = pair_views(dG_last, bi, hi);
           for (int64_t i = 0; i < s.L; ++i)
