@@ -403,3 +403,32 @@ def test_flushed_coefficients_leave_float32_results_at_the_reference(loops):
     for (name, _), g32, g64 in zip(ref.tensors(), grads(loss(y32, s32), [t for _, t in inp.tensors()]),
                                    grads(loss(y64, s64), [t for _, t in ref.tensors()])):
         assert_rel_close(g32, g64, 1e-3, f"d {name}")
+
+
+@pytest.mark.parametrize("start", [0, 3])  # a stream that starts at a chunk boundary, and one mid-chunk
+def test_packed_projections_give_the_same_results_and_gradients(start, loops):
+    """run_memory(packed=h), with q, k, v the slices of h (B, T, 3, H, D) as the layer makes them, ==
+    run_memory on q, k, v alone: y, the state, and the gradient of h, float64; T not a multiple of
+    the chunk, so the chunks are padded at one or both ends. A packed tensor that is not q, k and
+    v's own is refused."""
+    from titans.memory.chunked import run_memory
+
+    inp = make_inputs(2, 2, 13, 4, 2, seed=12)
+    state = None
+    if start:
+        _, state = run("chunked", make_inputs(2, 2, start, 4, 2, seed=13), 4)
+    h = torch.stack([inp.q, inp.k, inp.v], dim=2).transpose(1, 3).contiguous()  # (B, T, 3, H, D)
+    results = []
+    for packed in (True, False):
+        hh = h.clone().requires_grad_()
+        q, k, v = hh.permute(2, 0, 3, 1, 4).unbind(0)
+        y, s = run_memory(q, k, v, inp.alpha, inp.eta, inp.theta, inp.weights, chunk_size=4, ln=inp.ln,
+                          state=state, grad_clip=None, read=True, packed=hh if packed else None)
+        (dh,) = torch.autograd.grad((y * y).sum() + s.weights[0].sum(), hh)
+        results.append((y, *s.weights, dh))
+    for what, a, b in zip(("y", "W1", "W2", "d h"), *results):
+        assert_rel_close(a, b, 1e-13, what)
+    q, k, v = h.permute(2, 0, 3, 1, 4).unbind(0)
+    with pytest.raises(ValueError, match="packed must be"):
+        run_memory(q, k, v, inp.alpha, inp.eta, inp.theta, inp.weights, chunk_size=4, ln=inp.ln, state=None,
+                   grad_clip=None, read=True, packed=h.clone())

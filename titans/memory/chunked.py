@@ -55,7 +55,8 @@ def memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, 
 
 def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, grad_clip, read,
                forget_to: str = "zero", normalize_qk: bool = False,
-               first_order: bool = False, second_order: float = 1.0) -> tuple[Tensor | None, MemoryState]:
+               first_order: bool = False, second_order: float = 1.0,
+               packed: Tensor | None = None) -> tuple[Tensor | None, MemoryState]:
     """memory_chunked, optionally without the read (write only: y is None).
 
     normalize_qk=True takes q and k before their L2 normalisation and normalises them inside, chunk
@@ -67,7 +68,14 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
 
     first_order=True drops, in the backward pass only, the gradient that flows from each inner
     gradient into the chunk-start weights it was taken at (see `memory_recurrent`); second_order=s
-    keeps the share s of it."""
+    keeps the share s of it.
+
+    packed: the (B, T, 3, H, D) tensor whose slices q, k, v are (the layer's projections, side by
+    side per token): they are then cut into chunks from it, and their gradients written back into
+    one tensor of its layout (`_PackedChunks`)."""
+    if packed is not None and (packed.dim() != 5 or packed.shape[2] != 3
+                               or any(not _slice_of(t, packed, i) for i, t in enumerate((q, k, v)))):
+        raise ValueError("run_memory: packed must be the (B, T, 3, H, D) tensor whose slices are q, k, v")
     spec = check_inputs(q, k, v, alpha, eta, theta, weights, chunk_size, ln, state, grad_clip, forget_to,
                         first_order, second_order)
     scale = second_order_scale(first_order, second_order)
@@ -79,7 +87,10 @@ def run_memory(q, k, v, alpha, eta, theta, weights, *, chunk_size, ln, state, gr
             G = W
         N = math.ceil((r + spec.T) / b)
         pad = (r, N * b - r - spec.T)
-        q_c, k_c, v_c = (_chunk_tokens(t.to(dtype), pad, b) for t in (q, k, v))
+        if packed is not None:
+            q_c, k_c, v_c = _PackedChunks.apply(packed, pad, b, dtype)
+        else:
+            q_c, k_c, v_c = (_chunk_tokens(t.to(dtype), pad, b) for t in (q, k, v))
         # padding tokens neither forget (alpha 0), decay momentum (eta 1) nor write (theta 0)
         a_c, e_c, t_c = (_chunk_gate(g.to(dtype), pad, b, fill)
                          for g, fill in ((alpha, 0.0), (eta, 1.0), (theta, 0.0)))
@@ -114,6 +125,39 @@ def _chunk_tokens(x: Tensor, pad: tuple[int, int], b: int) -> Tensor:
         x = F.pad(x, (0, 0, *pad))
     # one copy from any layout (the layer's q, k, v are strided views of the convolution's output)
     return x.unflatten(2, (-1, b)).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _slice_of(x: Tensor, packed: Tensor, i: int) -> bool:
+    """Whether x (B, H, T, D) is packed[:, :, i] (B, T, H, D) with its head and time dims swapped."""
+    view = packed[:, :, i].transpose(1, 2)
+    return x.shape == view.shape and x.stride() == view.stride() and x.data_ptr() == view.data_ptr()
+
+
+class _PackedChunks(torch.autograd.Function):
+    """q, k, v in the chunk layout (N, B, H, b, D), zero-padded, from the packed projections h
+    (B, T, 3, H, D): one copy each, as `_chunk_tokens`. The backward writes their three gradients
+    straight into one tensor of h's layout (one strided copy each), where autograd's way back
+    through unbind, permute and reshape makes three full copies."""
+
+    @staticmethod
+    def forward(ctx, h, pad, b, dtype):
+        ctx.shape, ctx.pad, ctx.h_dtype = h.shape, pad, h.dtype
+        return tuple(_chunk_tokens(h[:, :, i].transpose(1, 2).to(dtype), pad, b) for i in range(3))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        B, T, _, H, D = ctx.shape
+        (r, _), ref = ctx.pad, next(g for g in grads if g is not None)
+        N, b = ref.shape[0], ref.shape[3]
+        dh = ref.new_empty(B, N * b, 3, H, D, dtype=ctx.h_dtype)  # padded in time; handed out as a slice
+        for i, g in enumerate(grads):
+            target = dh[:, :, i].unflatten(1, (N, b))  # (B, N, b, H, D), a view
+            if g is None:
+                target.zero_()
+            else:
+                target.copy_(g.permute(1, 0, 3, 2, 4))
+        return dh[:, r:r + T], None, None, None
 
 
 def _chunk_gate(g: Tensor, pad: tuple[int, int], b: int, fill: float) -> Tensor:

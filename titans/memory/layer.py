@@ -201,7 +201,9 @@ class NeuralMemory(nn.Module):
         # q and k before their L2 norm: the memory normalises them chunk by chunk, so that it keeps
         # only its own copies of q, k, v for the backward pass (not also the conv's output)
         cache = None if state is None else state.conv
-        q, k, v, conv = self._qkv(x, cache, normalize=False)
+        h, conv = conv_silu(x, self.qkv.weight, self.conv, cache)
+        packed = h.view(*h.shape[:2], 3, self.heads, self.head_dim)  # (B, T, 3, H, D): q, k, v per token
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
         if read_from is not None:  # the queries (and their conv cache) from the reading input: only
             w_q, conv_w = self.read_projection()  # the q rows of the projection and the conv
             h, conv_q = conv_silu(read_from, w_q, conv_w, None if cache is None else cache[..., :self.dim])
@@ -212,7 +214,8 @@ class NeuralMemory(nn.Module):
         y, mem = run_memory(q, k, v, alpha, eta, theta, tuple(self.weights), chunk_size=self.chunk_size,
                             ln=self.ln, state=None if state is None else state.memory,
                             grad_clip=self.grad_clip, read=read, forget_to=self.forget_to, normalize_qk=True,
-                            first_order=self.first_order, second_order=self.second_order)
+                            first_order=self.first_order, second_order=self.second_order,
+                            packed=packed if read_from is None else None)
         # one host synchronisation for both checks (MAC calls this once per segment)
         x_ok, *w_ok = torch.stack([x_finite, *(torch.isfinite(w).all() for w in mem.weights)]).tolist()
         if not x_ok:
