@@ -1,4 +1,7 @@
-"""The memory's chunk loops in C++ on the CPU (`csrc/chunk_loops.cpp`), built on first use.
+"""The memory's chunk loops in C++ on the CPU (`csrc/chunk_loops.cpp`), built on first use, with the
+other CPU hot spots of the memory layer: the chunk coefficients and their gradient
+(`csrc/coefficients.cpp`), the causal convolution + SiLU (`csrc/conv_silu.cpp`) and the output gate's
+norm and SiLU (`csrc/gated_output.cpp`). Each has an eager PyTorch twin that stays its reference.
 
 Eager PyTorch runs each of the chunk step's several hundred small operations over all B x H memories
 at once, split across the threads, with a Python call and a thread barrier each time; on a CPU with
@@ -48,8 +51,9 @@ def _cpu_flags() -> bytes:
 
 
 def native_chunks(enabled: bool = True) -> None:
-    """Run the memory's CPU chunk loops in C++ (the default, when it builds) or, with False, as eager
-    PyTorch. Process-wide; results agree to rounding."""
+    """Run the memory's CPU chunk loops (and the layer's other C++ pieces: coefficients, convolution,
+    output gate) in C++ (the default, when it builds) or, with False, as eager PyTorch. Process-wide;
+    results agree to rounding."""
     _STATE["enabled"] = bool(enabled)
 
 

@@ -9,8 +9,8 @@
 // operations per chunk over all memories at once, with a Python call and a thread barrier each.
 //
 // Covered: any depth L, shared or per-layer gates, with or without the read, the second_order
-// scale; float32 and float64. Not covered (chunked.py runs those): the inner-gradient clamp and
-// forgetting towards W0.
+// scale, q and k L2-normalised per chunk (the layer's path); float32 and float64. Not covered
+// (chunked.py runs those): the inner-gradient clamp and forgetting towards W0.
 
 #include <torch/extension.h>
 
