@@ -2,7 +2,9 @@
 
 Written as one autograd.Function that keeps only its input: the framework path (transpose to
 (B, C, T), conv1d, transpose back, SiLU) keeps four copies of a 3*dim-wide activation per token
-and its CPU backward is slow on strided inputs.
+and its CPU backward is slow on strided inputs. On the CPU (float32/float64) the pre-activation,
+SiLU and their backward run as fused C++ loops over tiles of rows (csrc/conv_silu.cpp, via
+native.py); the eager passes below stay their reference and run everywhere else.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _native(x: Tensor, cache: Tensor):
     return native.for_tensor(x)
 
 
-def _conv_silu(x: Tensor, cache: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
+def _conv_silu_forward(x: Tensor, cache: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
     """SiLU(_pre_activation(x, cache, w)), written into `out` (B, T, C) when given."""
     ext = _native(x, cache)
     if ext is not None:
@@ -113,7 +115,7 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cache, weight):
         ctx.save_for_backward(x, cache, weight)
-        return _conv_silu(x, cache.to(x.dtype), weight.to(x.dtype))
+        return _conv_silu_forward(x, cache.to(x.dtype), weight.to(x.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -145,7 +147,7 @@ class _LinearConvSiLU(torch.autograd.Function):
             if y is None:
                 y = hb.new_empty(B, T, hb.shape[-1])
                 left, w = cache.to(hb.dtype), weight.to(hb.dtype)
-            _conv_silu(hb, left, w, out=y[:, t0:t0 + step])
+            _conv_silu_forward(hb, left, w, out=y[:, t0:t0 + step])
             left = conv_tail(hb, left)  # the K-1 rows of h before the next block
         ctx.save_for_backward(x, proj, cache, weight)
         ctx.h_dtype = y.dtype
