@@ -128,15 +128,17 @@ struct Cache {
 // The inputs of a stretch call, shared by all memories; `chunk` picks one memory's views.
 struct Stretch {
   TensorList G, WS;  // (B, H, D_in, D_out), (B, H, 2 D_in, D_out)
-  Tensor q, k, v, a, m, C, cS, e;  // (n, B, H, ...)
+  Tensor q, k, v, a, m, C, cS, e;  // (n B H, ...): the (n, B, H, ...) tensors, flattened (one select per view)
   Tensor gamma, beta;  // (H, D) or undefined
   int64_t B = 0, H = 0, n = 0, L = 0, Lg = 0, b = 0;
   bool norm_qk = false;  // q and k come before their L2 normalisation: normalised per chunk here
 
+  // The index of memory (bi, hi)'s chunk c in a flattened (n B H, ...) tensor.
+  int64_t at(int64_t c, int64_t bi, int64_t hi) const { return (c * B + bi) * H + hi; }
   // One memory's chunk c, q and k as given.
   Chunk raw(int64_t c, int64_t bi, int64_t hi) const {
-    auto at3 = [&](const Tensor& t) { return t[c][bi][hi]; };
-    return {at3(q), at3(k), at3(v), at3(a), at3(m), at3(C), at3(cS), at3(e)};
+    const int64_t i = at(c, bi, hi);
+    return {q[i], k[i], v[i], a[i], m[i], C[i], cS[i], e[i]};
   }
   // ... with q and k normalised when norm_qk (and want_q: q is only read by the read)
   template <typename T>
@@ -339,9 +341,10 @@ Stretch make_stretch(TensorList G, TensorList WS, const Tensor& q, const Tensor&
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type(),
                 "chunk loops: chunk tensors must be contiguous and of one dtype");
   for (const auto& ws : WS) TORCH_CHECK(ws.is_contiguous(), "chunk loops: WS must be contiguous");
-  Stretch s{std::move(G), std::move(WS), q, k, v, a, m, C, cS, e};
+  auto flat = [](const Tensor& t) { return t.flatten(0, 2); };
+  Stretch s{std::move(G), std::move(WS), flat(q), flat(k), flat(v), flat(a), flat(m), flat(C), flat(cS), flat(e)};
   if (gamma) s.gamma = gamma->contiguous(), s.beta = beta->contiguous();
-  s.n = q.size(0), s.B = q.size(1), s.H = q.size(2), s.b = q.size(3);
+  s.n = q.size(0), s.B = q.size(1), s.H = q.size(2), s.b = q.size(3);  // the arguments, not flattened
   s.L = static_cast<int64_t>(s.G.size()), s.Lg = a.size(3), s.norm_qk = norm_qk;
   TORCH_CHECK(s.L == 1 || s.gamma.defined(), "chunk loops: gamma and beta are required for L >= 2");
   return s;
@@ -363,6 +366,7 @@ std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tenso
   // the last chunk started from the scratch state, whose W part is that chunk's base
   TensorList WS_end, scratch;
   for (int64_t i = 0; i < s.L; ++i) WS_end.push_back(contiguous_empty(s.WS[i])), scratch.push_back(contiguous_empty(s.WS[i]));
+  const Tensor y_flat = y ? y->flatten(0, 2) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "forward_stretch", [&] {
     for_each_memory(s.B, s.H, [&](int64_t bi, int64_t hi) {
       const Tensor gamma_h = s.head(s.gamma, hi), beta_h = s.head(s.beta, hi);
@@ -371,7 +375,7 @@ std::vector<Tensor> forward_stretch(TensorList G, TensorList WS, Tensor q, Tenso
       for (int64_t c = 0; c < s.n; ++c) {
         const Chunk ch = s.chunk<scalar_t>(c, bi, hi, y.has_value());
         Cache cache = inner_gradients<scalar_t>(g, ch, gamma_h, beta_h);
-        if (y) read<scalar_t>(cache, ws, ch, gamma_h, beta_h, s.Lg, false, (*y)[c][bi][hi]);
+        if (y) read<scalar_t>(cache, ws, ch, gamma_h, beta_h, s.Lg, false, y_flat[s.at(c, bi, hi)]);
         written_keys<scalar_t>(cache, ch, s.Lg);
         const TensorList& out = bufs[(s.n - 1 - c) % 2];
         update<scalar_t>(cache, ws, ch, s.Lg, out);
@@ -601,6 +605,10 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
     d_scratch.push_back(contiguous_empty(s.WS[i]));
     if (first) dG0.push_back(contiguous_empty(s.G[i]).zero_());
   }
+  TensorList d_flat;  // d q, k, v and the coefficients' gradients, (n B H, ...)
+  for (const auto& t : dqkv) d_flat.push_back(t.flatten(0, 2));
+  for (const auto& t : d_coef) d_flat.push_back(t.flatten(0, 2));
+  const Tensor dy_flat = dy ? dy->flatten(0, 2) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "backward_stretch", [&] {
     for_each_memory(s.B, s.H, [&](int64_t bi, int64_t hi) {
       const Tensor gamma_h = s.head(s.gamma, hi), beta_h = s.head(s.beta, hi);
@@ -634,12 +642,13 @@ std::vector<Tensor> backward_stretch(TensorList G, TensorList WS, Tensor q, Tens
         const TensorList Gc = base(c, starts[c]);
         Cache cache = caches[c] ? std::move(*caches[c]) : inner_gradients<scalar_t>(Gc, ch, gamma_h, beta_h);
         caches[c].reset();
-        const Chunk d{dqkv[0][c][bi][hi], dqkv[1][c][bi][hi], dqkv[2][c][bi][hi], d_coef[0][c][bi][hi],
-                      d_coef[1][c][bi][hi], d_coef[2][c][bi][hi], d_coef[3][c][bi][hi], d_coef[4][c][bi][hi]};
+        const int64_t i = s.at(c, bi, hi);
+        const Chunk d{d_flat[0][i], d_flat[1][i], d_flat[2][i], d_flat[3][i],
+                      d_flat[4][i], d_flat[5][i], d_flat[6][i], d_flat[7][i]};
         // this chunk's base is the previous chunk's end W, except the stream's first chunk's (dG0)
         const TensorList& dG_into = (c == 0 && first) ? dG0_p : TensorList();
         const TensorList& out = bufs[c % 2];
-        chunk_backward<scalar_t>(Gc, starts[c], ch, gamma_h, beta_h, s.Lg, dy ? (*dy)[c][bi][hi] : Tensor(), dws,
+        chunk_backward<scalar_t>(Gc, starts[c], ch, gamma_h, beta_h, s.Lg, dy ? dy_flat[i] : Tensor(), dws,
                                  so_scale, std::move(cache), d, dgamma_p, dbeta_p, out, dG_into);
         if (s.norm_qk) {  // d of the normalised q, k -> d of q, k as given
           const Chunk raw = s.raw(c, bi, hi);
