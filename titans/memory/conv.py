@@ -143,7 +143,9 @@ class _LinearConvSiLU(torch.autograd.Function):
         step = max(BLOCK, cache.shape[1])  # a block reaches back into one block at most
         y = left = w = None
         for t0 in range(0, T, step):
-            hb = F.linear(x[:, t0:t0 + step], proj)  # under autocast: the autocast dtype, like nn.Linear
+            # the block made contiguous first: F.linear on the strided block is slower than the copy and
+            # the product together (3.5 against 2.9 ms for 2 x 512 x 384 -> 1152)
+            hb = F.linear(x[:, t0:t0 + step].contiguous(), proj)  # under autocast: the autocast dtype
             if y is None:
                 y = hb.new_empty(B, T, hb.shape[-1])
                 left, w = cache.to(hb.dtype), weight.to(hb.dtype)
@@ -168,7 +170,7 @@ class _LinearConvSiLU(torch.autograd.Function):
         carry = dcache = None  # d of the K-1 rows of h before the block processed last
         for t0 in reversed(range(0, T, step)):
             t1 = min(t0 + step, T)
-            xb = xd[:, t0:t1]
+            xb = xd[:, t0:t1].contiguous()  # as in the forward; and flattened below without a copy
             hb = F.linear(xb, pd)
             left = cache if t0 == 0 else F.linear(xd[:, t0 - K1:t0], pd)
             dyb = torch.zeros_like(hb) if dy is None else dy[:, t0:t1].to(dt)
