@@ -184,3 +184,18 @@ def require_native() -> None:
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the native chunk loops cannot be built here")
     assert native.chunks_native(), f"the native chunk loops did not build: {native._STATE['error']}"
+
+
+class ExtensionSpy:
+    """Stands in for the built extension (`native._STATE["module"]`, after `require_native`): records
+    the name of every entry point looked up in `calls` and hands out the real one."""
+
+    def __init__(self):
+        from titans.memory import native
+
+        require_native()
+        self.ext, self.calls = native.module(), []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.ext, name)

@@ -306,24 +306,18 @@ def test_chunk_coefficients_backward_matches_autograd(exact_zeros, loops):
 def test_cpp_chunk_coefficients_match_the_eager_ones(exact_zeros, dtype, monkeypatch):
     """The C++ coefficients (csrc/coefficients.cpp, run outside autograd on the CPU) == the eager
     ones, values and gradients, with padding and exact zeros; the extension is reached."""
-    from memory_testlib import require_native
+    from memory_testlib import ExtensionSpy
 
     from titans.memory import chunked, native
 
-    require_native()
-    ext, calls = native.module(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(ext, name)
+    spy = ExtensionSpy()
 
     (alpha, eta, theta, valid), g = _coefficient_inputs(exact_zeros, dtype)
     grads = None
     results = {}
     for mode in ("native", "eager"):
         native.native_chunks(mode == "native")
-        monkeypatch.setitem(native._STATE, "module", Spy() if mode == "native" else ext)
+        monkeypatch.setitem(native._STATE, "module", spy if mode == "native" else spy.ext)
         try:
             out = chunked.chunk_coefficients(alpha, eta, theta, valid)
             if grads is None:
@@ -331,7 +325,7 @@ def test_cpp_chunk_coefficients_match_the_eager_ones(exact_zeros, dtype, monkeyp
             results[mode] = (*out, *chunked.chunk_coefficients_backward(alpha, eta, theta, valid, *grads))
         finally:
             native.native_chunks(True)
-    assert calls == ["chunk_coefficients", "chunk_coefficients_backward"]
+    assert spy.calls == ["chunk_coefficients", "chunk_coefficients_backward"]
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     names = ("a", "m", "C", "cS", "e", "d alpha", "d eta", "d theta")
     for name, got, expected in zip(names, results["native"], results["eager"]):

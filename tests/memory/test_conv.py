@@ -84,18 +84,13 @@ def test_projection_conv_matches_autograd_of_the_plain_ops(T, block, monkeypatch
 def test_the_cpp_convolution_runs_by_default_and_not_when_disabled(monkeypatch):
     """float32 and float64 CPU tensors reach the C++ loops, forward and backward, and agree with the
     eager code (to rounding in float32); with native_chunks(False) they are not called."""
-    from memory_testlib import require_native
+    from memory_testlib import ExtensionSpy
 
     from titans.memory import native
     from titans.memory.conv import conv_silu
 
-    require_native()
-    ext, calls = native.module(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(ext, name)
+    spy = ExtensionSpy()
+    calls = spy.calls
 
     g = torch.Generator().manual_seed(4)
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-12)):  # float32: sums in another order
@@ -106,7 +101,7 @@ def test_the_cpp_convolution_runs_by_default_and_not_when_disabled(monkeypatch):
         for mode in ("native", "eager"):
             calls.clear()
             native.native_chunks(mode == "native")
-            monkeypatch.setitem(native._STATE, "module", Spy() if mode == "native" else ext)
+            monkeypatch.setitem(native._STATE, "module", spy if mode == "native" else spy.ext)
             try:
                 y, tail = conv_silu(x, proj, w, None)
                 grads = torch.autograd.grad((y * y).sum() + tail.sum(), (x, proj, w))

@@ -460,20 +460,14 @@ def test_gated_output_cpp_passes_match_the_eager_ones(dtype, monkeypatch):
     laid out (B, T, H, D), as the memory's read is) == the eager passes (y contiguous (B, H, T, D)),
     output and the gradients of y, the gate's logits, the norm weight and the projection; over
     several blocks, the last one partial. The C++ passes are reached, forward and backward."""
-    from memory_testlib import require_native
+    from memory_testlib import ExtensionSpy
 
     from titans.memory import native
 
-    require_native()
     monkeypatch.setattr(layer_mod, "OUT_BLOCK", 8)
-    ext, calls = native.module(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(ext, name)
-
-    monkeypatch.setitem(native._STATE, "module", Spy())
+    spy = ExtensionSpy()
+    calls = spy.calls
+    monkeypatch.setitem(native._STATE, "module", spy)
     g = torch.Generator().manual_seed(9)
     B, H, T, D = 2, 3, 21, 4
     y_rows = torch.randn(B, T, H, D, dtype=dtype, generator=g)

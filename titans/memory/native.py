@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 # gate (layer._GatedOutput)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("chunk_loops.cpp", "coefficients.cpp", "conv_silu.cpp", "gated_output.cpp")]
+HEADERS = [SOURCES[0].with_name("rows.h")]
 # -fopenmp: at::parallel_for is a header template; without it the memories run one by one.
 # -march=native on x86-64 (the build is this machine's own): the convolution's loops run 1.5-1.8x faster
 # with AVX2/AVX-512 than with the baseline SSE2.
@@ -72,7 +73,8 @@ def module():
 
             # named by the hash of the sources, flags and CPU: other versions (a git worktree, an A/B run)
             # and other machines sharing the cache keep their own builds
-            key = b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode() + _cpu_flags()
+            key = b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
+            key += _cpu_flags()
             digest = hashlib.sha1(key).hexdigest()[:12]
             _STATE["module"] = load(name=f"titans_chunk_loops_{digest}", sources=[str(s) for s in SOURCES],
                                     verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])

@@ -14,6 +14,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <mutex>
 #include <tuple>
@@ -21,17 +23,9 @@
 namespace {
 
 using at::Tensor;
+using titans::Rows;
 
 constexpr int64_t kTile = 64;  // rows per task: a tile's pre-activation, sigmoid and gradient stay in cache
-
-// A 3-D tensor's rows: element (b, t, c) at p + b * sb + t * st + c.
-template <typename T>
-struct Rows {
-  T* p;
-  int64_t sb, st;
-  Rows(const Tensor& x) : p(x.data_ptr<T>()), sb(x.stride(0)), st(x.stride(1)) {}
-  T* row(int64_t b, int64_t t) const { return p + b * sb + t * st; }
-};
 
 void check_3d(const Tensor& x, const char* name, int64_t B, int64_t C, c10::ScalarType dtype) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(0) == B && x.size(2) == C && x.stride(2) == 1,

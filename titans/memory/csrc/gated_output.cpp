@@ -12,6 +12,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <mutex>
@@ -19,16 +21,9 @@
 namespace {
 
 using at::Tensor;
+using titans::Rows;
 
 constexpr int64_t kRows = 32;  // rows per task
-
-template <typename T>
-struct Rows {
-  T* p;
-  int64_t sb, st;
-  Rows(const Tensor& x) : p(x.data_ptr<T>()), sb(x.stride(0)), st(x.stride(1)) {}
-  T* row(int64_t b, int64_t t) const { return p + b * sb + t * st; }
-};
 
 void check_rows(const Tensor& x, const char* name, const Tensor& like) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.sizes() == like.sizes() && x.stride(2) == 1 &&
