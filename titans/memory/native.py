@@ -71,10 +71,12 @@ def module():
         try:
             from torch.utils.cpp_extension import load
 
-            # named by the hash of the sources, flags and CPU: other versions (a git worktree, an A/B run)
-            # and other machines sharing the cache keep their own builds
+            # named by the hash of the sources, their folder, the flags and the CPU: other versions and
+            # other checkouts (a git worktree, an A/B run: the build's commands name the source paths, so
+            # one name for two folders would rebuild at each switch) and other machines sharing the cache
+            # keep their own builds
             key = b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
-            key += _cpu_flags()
+            key += str(SOURCES[0].parent.resolve()).encode() + _cpu_flags()
             digest = hashlib.sha1(key).hexdigest()[:12]
             _STATE["module"] = load(name=f"titans_chunk_loops_{digest}", sources=[str(s) for s in SOURCES],
                                     verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
