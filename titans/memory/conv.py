@@ -229,11 +229,16 @@ def conv_qkv(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | Non
     SiLU, q and k L2-normalised per head (unless normalize=False: the caller does it); and the conv
     cache after x (None without a conv)."""
     h, new_cache = conv_silu(x, proj, weight, cache)
-    B, T, _ = h.shape
-    q, k, v = h.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    _, q, k, v = split_qkv(h, heads)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     return q, k, v, new_cache
+
+
+def split_qkv(h: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The projections h (B, T, 3 dim) as packed (B, T, 3, H, D) and q, k, v (B, H, T, D): views."""
+    packed = h.view(*h.shape[:2], 3, heads, -1)
+    return (packed, *packed.permute(2, 0, 3, 1, 4).unbind(0))
 
 
 def conv_silu(x: Tensor, proj: Tensor, weight: Tensor | None, cache: Tensor | None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import native
 from .chunked import memory_read, run_memory
-from .conv import check_sequence, conv_qkv, conv_silu, conv_weight, nonfinite_input_error
+from .conv import check_sequence, conv_qkv, conv_silu, conv_weight, nonfinite_input_error, split_qkv
 from .functional import MemoryState, no_autocast, rms_norm_backward, rms_scale, silu_grad
 
 # Gate biases at initialisation (SPEC §2, "Stability"): forget little, learn slowly.
@@ -202,8 +202,7 @@ class NeuralMemory(nn.Module):
         # only its own copies of q, k, v for the backward pass (not also the conv's output)
         cache = None if state is None else state.conv
         h, conv = conv_silu(x, self.qkv.weight, self.conv, cache)
-        packed = h.view(*h.shape[:2], 3, self.heads, self.head_dim)  # (B, T, 3, H, D): q, k, v per token
-        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        packed, q, k, v = split_qkv(h, self.heads)  # packed (B, T, 3, H, D): q, k, v side by side per token
         if read_from is not None:  # the queries (and their conv cache) from the reading input: only
             w_q, conv_w = self.read_projection()  # the q rows of the projection and the conv
             h, conv_q = conv_silu(read_from, w_q, conv_w, None if cache is None else cache[..., :self.dim])
@@ -331,7 +330,7 @@ class _GatedOutput(torch.autograd.Function):
             blk = slice(t0, t0 + OUT_BLOCK)
             if ext is not None:
                 yb = y.transpose(1, 2)[:, blk].flatten(2)  # (B, n, H D), a view
-                z = torch.empty(yb.shape, dtype=y.dtype)
+                z = yb.new_empty(yb.shape)
                 ext.gated_output_forward(yb, g[:, blk], w_norm.to(y.dtype), eps, z)
             else:
                 z, _, _ = _GatedOutput._product(y[:, :, blk], g[:, blk], w_norm, eps)
@@ -361,8 +360,7 @@ class _GatedOutput(torch.autograd.Function):
         dg = torch.empty_like(g)
         ext = _GatedOutput._native(y, g)
         # laid out as the memory's read, (B, T, H, D), which the C++ passes write by rows
-        dy = torch.empty_like(y) if ext is None else y.new_empty(y.shape[0], y.shape[2], *y.shape[1:2],
-                                                                    y.shape[3]).transpose(1, 2)
+        dy = torch.empty_like(y) if ext is None else torch.empty_like(y.transpose(1, 2)).transpose(1, 2)
         dw_out = torch.zeros(w_out.shape, dtype=acc, device=w_out.device)
         dw_norm = torch.zeros(w_norm.shape, dtype=acc, device=w_norm.device)
         wn, wo = w_norm.to(acc), w_out.to(dt)
@@ -371,7 +369,7 @@ class _GatedOutput(torch.autograd.Function):
             if ext is not None:  # the passes below, fused; dy is laid out as y
                 db = dout[:, blk]
                 dz = db @ wo
-                z = torch.empty(dz.shape, dtype=dz.dtype)
+                z = torch.empty_like(dz)
                 yb, dyb = (t.transpose(1, 2)[:, blk].flatten(2) for t in (y, dy))  # (B, n, H D) views
                 dw_norm += ext.gated_output_backward(yb, g[:, blk], wn, ctx.eps, dz, z, dg[:, blk], dyb)
                 dw_out += db.flatten(0, -2).t() @ z.flatten(0, -2)

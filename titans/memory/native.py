@@ -82,9 +82,9 @@ def module():
                                     verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
         except Exception as err:  # noqa: BLE001 -- any build failure falls back to the eager loops
             _STATE["error"] = err
-            warnings.warn(f"titans: the C++ chunk loops did not build ({type(err).__name__}: "
-                          f"...{str(err).strip()[-800:]}); the memory runs its eager PyTorch loops instead "
-                          "(same results, slower on the CPU). Set TITANS_NATIVE=0 to skip the build.",
+            warnings.warn(f"titans: the C++ extension did not build ({type(err).__name__}: "
+                          f"...{str(err).strip()[-800:]}); the memory layer runs its eager PyTorch loops "
+                          "instead (same results, slower on the CPU). Set TITANS_NATIVE=0 to skip the build.",
                           RuntimeWarning, stacklevel=3)
     return _STATE["module"]
 

@@ -65,27 +65,6 @@ void lower_product(const T* P, const T* Q, int64_t b, T* PQ) {
   }
 }
 
-// The gradient of x for D = decay(x) (chunked._decay_matrix_grad), added into out:
-//     d x_r = sum_{u < r} D[r-1, u] M[r, u],   M[r, u] = sum_{t >= r} D[t, r] dD[t, u]   (M = D^T dD),
-// which reads dD only below the diagonal. M is scratch.
-template <typename T>
-void add_decay_grad(const T* D, const T* dD, int64_t b, T* M, T* out) {
-  for (int64_t r = 1; r < b; ++r) {
-    T* o = M + r * b;
-    for (int64_t u = 0; u < r; ++u) o[u] = T(0);
-    for (int64_t t = r; t < b; ++t) {
-      const T d = D[t * b + r];
-      const T* g = dD + t * b;
-#pragma omp simd
-      for (int64_t u = 0; u < r; ++u) o[u] += d * g[u];
-    }
-    const T* prev = D + (r - 1) * b;
-    T acc = T(0);
-    for (int64_t u = 0; u < r; ++u) acc += prev[u] * o[u];
-    out[r] += acc;
-  }
-}
-
 // The strictly-lower part (s < u) of dQ = P^T X for lower-triangular P: dQ[u, s] = sum_{t >= u} P[t, u] X[t, s].
 template <typename T>
 void lower_t_product(const T* P, const T* X, int64_t b, T* dQ) {
@@ -98,6 +77,19 @@ void lower_t_product(const T* P, const T* X, int64_t b, T* dQ) {
 #pragma omp simd
       for (int64_t s = 0; s < u; ++s) o[s] += p * x[s];
     }
+  }
+}
+
+// The gradient of x for D = decay(x) (chunked._decay_matrix_grad), added into out:
+//     d x_r = sum_{u < r} D[r-1, u] M[r, u],   M = D^T dD below the diagonal (lower_t_product; M is scratch).
+template <typename T>
+void add_decay_grad(const T* D, const T* dD, int64_t b, T* M, T* out) {
+  lower_t_product(D, dD, b, M);
+  for (int64_t r = 1; r < b; ++r) {
+    const T *prev = D + (r - 1) * b, *m = M + r * b;
+    T acc = T(0);
+    for (int64_t u = 0; u < r; ++u) acc += prev[u] * m[u];
+    out[r] += acc;
   }
 }
 
